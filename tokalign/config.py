@@ -1,0 +1,278 @@
+"""Typed configuration: the schema every YAML file in ``conf/`` is checked against.
+
+Each dataclass field carries a one-line docstring-style comment; ``__post_init__`` validates
+values so a wrong setting fails at start with a message naming the key. The schemas are
+registered in Hydra's ConfigStore (``register_configs``) and ``conf/config.yaml`` lists the
+schema first in its defaults, so an unknown key or a wrong type is rejected by OmegaConf
+before any stage runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+INIT_METHODS = ("random", "mean", "fvt", "tokalign_1to1", "tokalign")
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
+WANDB_MODES = ("online", "offline", "disabled")
+SCORINGS = ("cos", "csls")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _check(cond: bool, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
+
+
+@dataclass
+class EmbedConfig:
+    """fastText skipgram settings for the token-ID streams (stage ``embed``)."""
+
+    dim: int = 100  # embedding dimension
+    epoch: int = 5  # passes over each token stream
+    min_count: int = 2  # tokens seen fewer times get no vector (they fall back at alignment)
+    lr: float = 0.05  # fastText learning rate
+    thread: int = 1  # fastText threads; 1 makes the vectors bit-for-bit reproducible
+    window: int = 5  # skipgram context window
+    neg: int = 5  # negative samples
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0, "embed.dim", "> 0", self.dim)
+        _check(self.epoch > 0, "embed.epoch", "> 0", self.epoch)
+        _check(self.min_count >= 1, "embed.min_count", ">= 1", self.min_count)
+        _check(self.lr > 0, "embed.lr", "> 0", self.lr)
+        _check(self.thread >= 1, "embed.thread", ">= 1", self.thread)
+
+
+@dataclass
+class AlignmentConfig:
+    """How target rows are chosen from source rows (stage ``align``)."""
+
+    name: str = "tokalign"  # label of this alignment preset
+    scoring: str = "csls"  # cos: plain cosine of relative representations; csls: hub-penalised
+    csls_k: int = 10  # neighbourhood size for the CSLS hubness penalty
+    top_k: int = 1  # aligned rows combined per target token (1 = best match only)
+    temperature: float = 0.05  # softmax temperature over the top-k scores when top_k > 1
+    block_size: int = 4096  # target rows scored per block (bounds peak memory)
+    blend_fvt: float = 0.0  # weight of the piece composition mixed into aligned rows (0 = none)
+
+    def __post_init__(self) -> None:
+        _check(self.scoring in SCORINGS, "alignment.scoring", f"one of {SCORINGS}", self.scoring)
+        _check(self.csls_k >= 1, "alignment.csls_k", ">= 1", self.csls_k)
+        _check(self.top_k >= 1, "alignment.top_k", ">= 1", self.top_k)
+        _check(self.temperature > 0, "alignment.temperature", "> 0", self.temperature)
+        _check(self.block_size >= 1, "alignment.block_size", ">= 1", self.block_size)
+        _check(0.0 <= self.blend_fvt <= 1.0, "alignment.blend_fvt", "in [0, 1]", self.blend_fvt)
+
+
+@dataclass
+class HardwareConfig:
+    """Where and how tensors are computed; applied before torch touches CUDA."""
+
+    name: str = "cpu"  # profile label
+    device: str = "cpu"  # torch device for model work: cpu or cuda
+    dtype: str = "float32"  # training/eval precision: float32 or bfloat16
+    tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs
+    torch_threads: int = 2  # intra-op CPU threads (0 = torch default)
+    tokenizer_workers: int = 2  # processes for the tokenize stage
+    attn_implementation: str = "sdpa"  # eager, sdpa or flash_attention_2 (used when installed)
+    min_gpu_memory_gb: float = 0.0  # preflight: free GPU memory wanted
+    min_free_disk_gb: float = 2.0  # preflight: free disk wanted at the run and cache directories
+    cuda_alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, set before CUDA initialises
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("cpu", "cuda"), "hardware.device", "cpu or cuda", self.device)
+        _check(self.dtype in ("float32", "bfloat16"), "hardware.dtype", "float32 or bfloat16", self.dtype)
+        _check(self.tokenizer_workers >= 1, "hardware.tokenizer_workers", ">= 1", self.tokenizer_workers)
+        _check(
+            self.attn_implementation in ("eager", "sdpa", "flash_attention_2"),
+            "hardware.attn_implementation",
+            "eager, sdpa or flash_attention_2",
+            self.attn_implementation,
+        )
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning-rate schedule shared by both training stages."""
+
+    name: str = "cosine"  # cosine, linear, constant or wsd (warmup-stable-decay)
+    warmup_ratio: float = 0.05  # share of a stage's steps spent warming up
+    decay_ratio: float = 0.2  # wsd only: share of steps spent decaying at the end
+    min_lr_ratio: float = 0.0  # cosine/wsd: final learning rate as a share of the peak
+
+    def __post_init__(self) -> None:
+        _check(self.name in LR_SCHEDULES, "lr_schedule.name", f"one of {LR_SCHEDULES}", self.name)
+        _check(0.0 <= self.warmup_ratio < 1.0, "lr_schedule.warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _check(0.0 <= self.decay_ratio <= 1.0, "lr_schedule.decay_ratio", "in [0, 1]", self.decay_ratio)
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by the two training stages (the learning rates and steps are top level)."""
+
+    seq_len: int = 256  # tokens per packed training sequence
+    micro_batch_size: int = 4  # sequences per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    save_steps: int = 20  # checkpoint every N optimizer steps
+    eval_steps: int = 0  # bits per byte on the eval texts every N steps (0 = only at stage end)
+    logging_steps: int = 1  # log loss, lr, grad norm every N steps
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    compile: bool = False  # torch.compile the model
+    shuffle_buffer: int = 0  # >0: shuffle within a buffer of this many sequences (streamed corpora)
+    lora_r: int = 16  # LoRA rank (stage 2 with stage2_use_lora)
+    lora_alpha: int = 32  # LoRA scaling
+    lora_dropout: float = 0.05  # LoRA dropout
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module names that get LoRA adapters
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 8, "train.seq_len", ">= 8", self.seq_len)
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", ">= 1", self.micro_batch_size)
+        _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
+        _check(self.save_steps >= 1, "train.save_steps", ">= 1", self.save_steps)
+        _check(self.eval_steps >= 0, "train.eval_steps", ">= 0", self.eval_steps)
+        _check(self.lora_r >= 1, "train.lora_r", ">= 1", self.lora_r)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking; files go under ``<run dir>/wandb``."""
+
+    mode: str = "offline"  # online, offline (sync later with `wandb sync`) or disabled
+    project: str = "tokalign"  # W&B project
+    entity: Optional[str] = None  # W&B team or user (None = your default)
+    group: Optional[str] = None  # run group (None = the sweep directory in a multirun)
+    tags: list[str] = field(default_factory=list)  # extra run tags
+    log_model: bool = False  # upload the adapted model as an artifact
+
+    def __post_init__(self) -> None:
+        _check(self.mode in WANDB_MODES, "wandb.mode", f"one of {WANDB_MODES}", self.mode)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (bits per byte and PubMedQA)."""
+
+    max_eval_samples: int = 100  # eval documents scored for bits per byte (0 = all)
+    seq_len: int = 1024  # window length for scoring; longer documents use overlapping windows
+    stride: int = 512  # window stride for long documents
+    batch_size: int = 4  # documents per forward pass
+    pubmedqa_file: Optional[str] = None  # ori_pqal.json for PubMedQA accuracy (None = skip)
+    pubmedqa_test_ids: Optional[str] = None  # test_ground_truth.json: the IDs scored
+    pubmedqa_samples: int = 500  # test questions scored (stratified by label, seeded)
+
+    def __post_init__(self) -> None:
+        _check(self.max_eval_samples >= 0, "eval.max_eval_samples", ">= 0", self.max_eval_samples)
+        _check(self.seq_len >= 16, "eval.seq_len", ">= 16", self.seq_len)
+        _check(0 < self.stride <= self.seq_len, "eval.stride", f"in (0, eval.seq_len={self.seq_len}]", self.stride)
+        _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+
+
+@dataclass
+class PreflightConfig:
+    """Checks run before any work."""
+
+    strict: bool = False  # a shortfall is an error (True) or a warning (False)
+
+
+@dataclass
+class Config:
+    """The whole run. Top-level keys are the ones users override most often."""
+
+    source_model: str = MISSING  # hub id, local HF directory, or .gguf file of the source model
+    target_tokenizer: str = MISSING  # hub id, local directory, or (vocabulary-only) .gguf file
+    corpus: str = MISSING  # training text: .txt/.jsonl/.json/.csv/.parquet, PubMedQA json, or a hub dataset id
+    eval_corpus: Optional[str] = None  # evaluation text (None = the held-out part of `corpus`)
+    corpus_text_field: str = "text"  # field holding the text in .jsonl/.json/.csv/.parquet/hub records
+    corpus_bytes: int = 0  # byte budget of training text read from `corpus` (0 = no limit)
+    holdout_ids: Optional[str] = None  # JSON file whose keys are document IDs held out for evaluation
+    holdout_fraction: float = 0.05  # share held out by stable hash when `holdout_ids` is None
+    pivot_count: int = 300  # shared tokens used as pivots of the relative representations
+    similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
+    init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
+    seed: int = 0  # seed for every random choice (data order, fastText, baselines)
+    lr_stage1: float = 6.4e-4  # stage 1 (embeddings + head) peak learning rate
+    lr_stage2: float = 5e-5  # stage 2 (whole model or LoRA) peak learning rate
+    steps_stage1: int = 0  # stage 1 optimizer steps (0 = skip the stage)
+    steps_stage2: int = 0  # stage 2 optimizer steps (0 = skip the stage)
+    train_start_idx_stage2: int = -1  # first training sequence of stage 2 (-1 = where stage 1 stopped)
+    stage2_use_lora: bool = False  # stage 2 trains LoRA adapters (plus embedding rows) instead of all weights
+    resume: bool = True  # reuse complete, verified stage outputs and continue training from checkpoints
+    cache_dir: str = ".cache/tokalign"  # content-addressed stage outputs, shared by the jobs of a sweep
+    allow_pickle: bool = False  # allow loading .bin/.pt pickle weights (unsafe: runs code from the file)
+    trust_remote_code: bool = False  # allow model code from the hub (unsafe)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # fastText settings
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)  # alignment preset
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # hardware profile
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)  # learning-rate schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # training-loop settings
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation settings
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # experiment tracking
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)  # start-up checks
+
+    def __post_init__(self) -> None:
+        _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)
+        _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)", self.holdout_fraction)
+        _check(self.pivot_count >= 2, "pivot_count", ">= 2", self.pivot_count)
+        _check(-1.0 <= self.similarity_threshold <= 1.0, "similarity_threshold", "in [-1, 1]", self.similarity_threshold)
+        bad = [m for m in self.init_methods if m not in INIT_METHODS]
+        _check(not bad and len(self.init_methods) > 0, "init_methods", f"a non-empty list from {INIT_METHODS}", list(self.init_methods))
+        _check(self.lr_stage1 > 0, "lr_stage1", "> 0", self.lr_stage1)
+        _check(self.lr_stage2 > 0, "lr_stage2", "> 0", self.lr_stage2)
+        _check(self.steps_stage1 >= 0, "steps_stage1", ">= 0", self.steps_stage1)
+        _check(self.steps_stage2 >= 0, "steps_stage2", ">= 0", self.steps_stage2)
+        _check(self.train_start_idx_stage2 >= -1, "train_start_idx_stage2", ">= -1 (-1 = after stage 1)", self.train_start_idx_stage2)
+
+
+def register_configs() -> None:
+    """Register the schemas so ``conf/config.yaml`` can name ``tokalign_schema`` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="tokalign_schema", node=Config)
+    cs.store(group="alignment", name="tokalign_schema", node=AlignmentConfig)
+    cs.store(group="hardware", name="tokalign_schema", node=HardwareConfig)
+    cs.store(group="lr_schedule", name="tokalign_schema", node=LRScheduleConfig)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn the composed DictConfig into a validated ``Config`` (runs every ``__post_init__``)."""
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def default_assets_dir() -> Path:
+    """``$TOKALIGN_ASSETS``, else ``../shared/assets`` beside the checkout (the demo's model, tokenizers and data)."""
+    env = os.environ.get("TOKALIGN_ASSETS")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (Path(__file__).resolve().parents[2] / "shared" / "assets").resolve()
+
+
+def _assets_resolver(sub: str = "") -> str:
+    base = default_assets_dir()
+    if not base.is_dir():
+        raise ConfigError(
+            f"demo assets not found at {base}: set TOKALIGN_ASSETS to a folder holding models/, tokenizers/ and "
+            "pubmedqa/ (see README 'Demo assets'), or pass source_model=, target_tokenizer= and corpus= yourself"
+        )
+    return str(base / sub) if sub else str(base)
+
+
+def register_resolvers() -> None:
+    """``${assets:pubmedqa/ori_pqal.json}`` resolves under the demo assets folder."""
+    if not OmegaConf.has_resolver("assets"):
+        OmegaConf.register_new_resolver("assets", _assets_resolver)

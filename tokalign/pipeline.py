@@ -1,0 +1,190 @@
+"""The whole flow on one screen: the ordered stages, what each reads, and which config keys it uses.
+
+Every stage is a module under ``tokalign/stages`` with ``run(cfg, ctx, out) -> dict`` of metrics:
+it reads its inputs from ``ctx.path(<upstream stage>)``, writes its artifacts into ``out`` and
+never imports another stage. Outputs are cached by content (``tokalign/cache.py``): the key of a
+stage hashes the values of its ``keys`` and the keys of its ``inputs``, so a sweep over
+``lr_stage1`` reuses tokenization, embeddings, alignment and initialisation, and a sweep over
+``similarity_threshold`` recomputes from ``align`` on.
+
+Run it:  python -m tokalign            (smoke mode on the demo assets)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import OmegaConf
+
+from tokalign import cache
+from tokalign.config import Config
+from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, tokenize, train
+from tokalign.tracking import NullTracker
+
+log = logging.getLogger("tokalign")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline."""
+
+    name: str
+    run: Callable[[Config, "Context", Path], dict]
+    inputs: tuple[str, ...] = ()  # upstream stages whose outputs it reads (ctx.path(name))
+    keys: tuple[str, ...] = ()  # config keys its output depends on: part of its cache key
+    cached: bool = True  # False: runs every time, writes into the run directory
+    resumable: bool = False  # True: a half-finished output (checkpoints) is continued, not wiped
+    when: Callable[[Config], bool] = lambda cfg: True  # skip the stage when False
+
+
+# name            run                     reads                               config keys (the cache key)
+STAGES: list[Stage] = [
+    Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir"), cached=False),
+    Stage("corpus", corpus.run, (), ("corpus", "eval_corpus", "corpus_text_field", "corpus_bytes", "holdout_ids",
+                                     "holdout_fraction")),
+    Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
+    Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
+    Stage("embed", embed.run, ("tokenize",), ("embed", "seed")),
+    Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
+                                                                 "seed")),
+    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),
+    Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "init"), ("eval", "init_methods",
+                                                                                         "hardware.dtype")),
+    Stage("train_stage1", train.run_stage1, ("corpus", "tokenize", "init"),
+          ("lr_stage1", "steps_stage1", "train", "lr_schedule", "seed", "hardware.dtype"),
+          resumable=True, when=lambda cfg: cfg.steps_stage1 > 0),
+    Stage("train_stage2", train.run_stage2, ("corpus", "tokenize", "init", "train_stage1"),
+          ("lr_stage2", "steps_stage2", "train_start_idx_stage2", "stage2_use_lora", "train", "lr_schedule", "seed",
+           "hardware.dtype", "steps_stage1"),
+          resumable=True, when=lambda cfg: cfg.steps_stage2 > 0),
+    Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "train_stage1", "train_stage2"),
+          ("eval", "hardware.dtype"), cached=False),
+]
+
+
+@dataclass
+class Context:
+    """What a stage sees besides the config: where upstream outputs are, the tracker, the run directory."""
+
+    run_dir: Path
+    tracker: Any = field(default_factory=NullTracker)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, stage: str) -> Optional[Path]:
+        """Output folder of an upstream stage, or None when that stage was skipped."""
+        return self.outputs.get(stage)
+
+
+def _select(cfg: Config, keys: tuple[str, ...]) -> dict:
+    conf = OmegaConf.structured(cfg)
+    out = {}
+    for k in keys:
+        v = OmegaConf.select(conf, k)
+        out[k] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+    return out
+
+
+def _fingerprint(value: Any) -> Any:
+    """A path's identity for cache keys: a file's size and mtime, so an edited corpus invalidates the cache."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        p = Path(value)
+        st = p.stat()
+        return {"path": str(p.resolve()), "bytes": st.st_size, "mtime": int(st.st_mtime)}
+    return value
+
+
+def stage_key(stage: Stage, cfg: Config, input_keys: dict[str, str]) -> str:
+    selected = {k: _fingerprint(v) for k, v in _select(cfg, stage.keys).items()}
+    return cache.stable_hash({"stage": stage.name, "v": 1, "config": selected,
+                              "inputs": {n: input_keys.get(n) for n in stage.inputs}})
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, list, dict)) or v is None}
+
+
+def write_summary(run_dir: Path, metrics: dict, stages: dict, extra: Optional[dict] = None) -> Path:
+    path = run_dir / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"metrics": _json_safe(metrics), "stages": stages, **(extra or {})}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Optional[list[Stage]] = None) -> dict:
+    """Run every stage in order, reusing verified cached outputs; returns the summary dict.
+
+    A stage that raises stops the run; ``summary.json`` is written after every stage, so what
+    was computed stays recorded, and cached outputs stay for the next run.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(run_dir=run_dir, tracker=tracker or NullTracker())
+    cache_root = Path(cfg.cache_dir).expanduser()
+    keys: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    for stage in stages or STAGES:
+        if not stage.when(cfg):
+            records[stage.name] = {"status": "skipped", "seconds": 0.0}
+            continue
+        t0 = time.time()
+        key = stage_key(stage, cfg, keys)
+        keys[stage.name] = key
+        record: dict[str, Any] = {"key": key}
+        try:
+            if not stage.cached:
+                out = run_dir / stage.name
+                out.mkdir(parents=True, exist_ok=True)
+                metrics = stage.run(cfg, ctx, out) or {}
+                record["status"] = "computed"
+            else:
+                final = cache_root / stage.name / key
+                with cache.locked(cache_root / stage.name / f"{key}.lock"):
+                    if cfg.resume and cache.verify(final):
+                        metrics = cache.read_manifest(final).get("metrics", {})
+                        record["status"] = "cached"
+                        log.info("[%s] cached: %s", stage.name, final)
+                    else:
+                        partial = final.with_name(key + ".partial")
+                        if final.exists():
+                            log.warning("[%s] cache entry %s failed verification: recomputing", stage.name, final)
+                            shutil.rmtree(final)
+                        if (not cfg.resume or not stage.resumable) and partial.exists():
+                            shutil.rmtree(partial)
+                        partial.mkdir(parents=True, exist_ok=True)
+                        log.info("[%s] computing into %s", stage.name, partial)
+                        metrics = stage.run(cfg, ctx, partial) or {}
+                        cache.publish(partial, final, {"metrics": _json_safe(metrics), "stage": stage.name})
+                        record["status"] = "computed"
+                out = final
+                link = run_dir / "stages" / stage.name
+                link.parent.mkdir(exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(out.resolve(), target_is_directory=True)
+            ctx.outputs[stage.name] = out
+            ctx.metrics.update(metrics)
+            record["path"] = str(out)
+        except Exception as e:
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            record["seconds"] = round(time.time() - t0, 3)
+            records[stage.name] = record
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+            write_summary(run_dir, ctx.metrics, records)
+            raise
+        record["seconds"] = round(time.time() - t0, 3)
+        records[stage.name] = record
+        (run_dir / f"{stage.name}.json").write_text(json.dumps({**record, "metrics": _json_safe(metrics)}, indent=1))
+        ctx.tracker.log({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         f"time/{stage.name}_s": record["seconds"]})
+        write_summary(run_dir, ctx.metrics, records)
+        log.info("[%s] %s in %.1fs", stage.name, record["status"], record["seconds"])
+    return json.loads((run_dir / "summary.json").read_text())

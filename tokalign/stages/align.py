@@ -1,0 +1,5 @@
+"""Stage `align` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("align")

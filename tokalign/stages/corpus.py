@@ -1,0 +1,5 @@
+"""Stage `corpus` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("corpus")

@@ -1,0 +1,5 @@
+"""Stage `embed` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("embed")

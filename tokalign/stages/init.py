@@ -1,0 +1,5 @@
+"""Stage `init` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("init")

@@ -1,0 +1,5 @@
+"""Stage `preflight` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("preflight")

@@ -1,0 +1,5 @@
+"""Stage `source` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("source")

@@ -1,0 +1,5 @@
+"""Stage `tokenize` (being written)."""
+
+
+def run(cfg, ctx, out):
+    raise NotImplementedError("tokenize")
