@@ -52,7 +52,7 @@ STAGES: list[Stage] = [
                                      "holdout_fraction")),
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
     Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
-    Stage("embed", embed.run, ("tokenize",), ("embed", "seed")),
+    Stage("embed", embed.run, ("tokenize",), ("embed",)),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),

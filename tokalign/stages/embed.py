@@ -1,5 +1,74 @@
-"""Stage `embed` (being written)."""
+"""Stage ``embed``: fastText skipgram vectors for each token-ID stream (a token ID is a "word").
+
+Writes ``source.npz`` and ``target.npz`` with ``ids`` (token IDs that got a vector: seen at least
+``embed.min_count`` times), ``vectors`` (float32 [n, dim]) and ``counts``.
+With ``embed.thread=1`` the vectors are reproducible bit for bit (fastText seeds itself with 0).
+
+Run alone:  python -m tokalign embed.dim=300 embed.epoch=20   (the pipeline caches this stage)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tokalign.stages.tokenize import docs_of, load_stream
+
+log = logging.getLogger(__name__)
 
 
-def run(cfg, ctx, out):
-    raise NotImplementedError("embed")
+class EmbedError(ValueError):
+    """fastText cannot be trained on this stream; the message says why."""
+
+
+def write_stream(ids: np.ndarray, offsets: np.ndarray, path: Path) -> None:
+    """One document a line, token IDs as space-separated words (fastText's input format)."""
+    with open(path, "w") as f:
+        for doc in docs_of(ids, offsets):
+            if len(doc):
+                f.write(" ".join(map(str, doc.tolist())))
+                f.write("\n")
+
+
+def train_vectors(ids: np.ndarray, offsets: np.ndarray, work: Path, *, dim: int, epoch: int, min_count: int,
+                  lr: float, thread: int, window: int, neg: int, side: str) -> dict:
+    import fasttext
+
+    counts = np.bincount(ids.astype(np.int64))
+    if not (counts >= min_count).any():
+        raise EmbedError(f"{side} token stream: no token occurs embed.min_count={min_count} times "
+                         f"({len(ids)} tokens); expected a larger corpus or a lower embed.min_count")
+    txt = work / f"{side}_stream.txt"
+    write_stream(ids, offsets, txt)
+    t0 = time.time()
+    model = fasttext.train_unsupervised(
+        str(txt), model="skipgram", dim=dim, epoch=epoch, minCount=min_count, lr=lr, thread=thread, ws=window,
+        neg=neg, minn=0, maxn=0, wordNgrams=1, bucket=0, verbose=0)  # fastText seeds itself with 0
+    seconds = time.time() - t0
+    words = model.get_words()
+    keep = [i for i, w in enumerate(words) if w.isdigit()]  # drop fastText's "</s>"
+    tok_ids = np.array([int(words[i]) for i in keep], dtype=np.int64)
+    matrix = model.get_input_matrix()[keep].astype(np.float32)
+    txt.unlink()
+    return {"ids": tok_ids, "vectors": matrix, "counts": counts[tok_ids].astype(np.int64), "seconds": seconds,
+            "tokens": int(len(ids))}
+
+
+def run(cfg, ctx, out: Path) -> dict:
+    tok_dir = ctx.path("tokenize")
+    e = cfg.embed
+    metrics = {}
+    for side in ("source", "target"):
+        ids, offsets = load_stream(tok_dir, side)
+        res = train_vectors(ids, offsets, out, dim=e.dim, epoch=e.epoch, min_count=e.min_count, lr=e.lr,
+                            thread=e.thread, window=e.window, neg=e.neg, side=side)
+        np.savez(out / f"{side}.npz", ids=res["ids"], vectors=res["vectors"], counts=res["counts"])
+        tps = res["tokens"] * e.epoch / max(res["seconds"], 1e-9)
+        log.info("embed[%s]: %d vectors of dim %d in %.1fs (%.0f tokens/s with %d threads)", side, len(res["ids"]),
+                 e.dim, res["seconds"], tps, e.thread)
+        metrics.update({f"embed/{side}_vectors": len(res["ids"]), f"embed/{side}_seconds": round(res["seconds"], 3),
+                        f"embed/{side}_tokens_per_s": round(tps, 1)})
+    return metrics

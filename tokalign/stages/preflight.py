@@ -1,5 +1,79 @@
-"""Stage `preflight` (being written)."""
+"""Stage ``preflight``: check the machine before any work (always runs, never cached).
+
+Records Python, torch and CUDA versions, the GPU and its free memory against
+``hardware.min_gpu_memory_gb``, free disk at the run and cache directories against
+``hardware.min_free_disk_gb``, and whether fasttext and FlashAttention import. With
+``preflight.strict=true`` a shortfall is an error before any work; otherwise a warning.
+
+Run alone:  python -m tokalign.stages.preflight hardware=h100
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
-def run(cfg, ctx, out):
-    raise NotImplementedError("preflight")
+class PreflightError(RuntimeError):
+    """The machine cannot do this job; the message says which check failed."""
+
+
+def check(cfg, run_dir: Path) -> tuple[dict, list[str]]:
+    import torch
+
+    info: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "fasttext": importlib.util.find_spec("fasttext") is not None,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+    }
+    problems = []
+    if not info["fasttext"]:
+        problems.append("fasttext is not installed (pip install fasttext): the embed stage needs it")
+    hw = cfg.hardware
+    if hw.device == "cuda":
+        if not torch.cuda.is_available():
+            problems.append(f"hardware={hw.name} wants CUDA but torch sees no GPU")
+        else:
+            free, total = torch.cuda.mem_get_info()
+            info.update(gpu=torch.cuda.get_device_name(0), gpu_free_gb=round(free / 2**30, 2),
+                        gpu_total_gb=round(total / 2**30, 2), gpu_count=torch.cuda.device_count())
+            if free / 2**30 < hw.min_gpu_memory_gb:
+                problems.append(f"GPU has {free / 2**30:.1f} GB free; hardware.min_gpu_memory_gb="
+                                f"{hw.min_gpu_memory_gb} wanted")
+    for label, path in (("run_dir", run_dir), ("cache_dir", Path(cfg.cache_dir).expanduser())):
+        path.mkdir(parents=True, exist_ok=True)
+        free_gb = shutil.disk_usage(path).free / 2**30
+        info[f"disk_free_gb/{label}"] = round(free_gb, 2)
+        if free_gb < hw.min_free_disk_gb:
+            problems.append(f"{path}: {free_gb:.1f} GB free disk; hardware.min_free_disk_gb={hw.min_free_disk_gb} wanted")
+    return info, problems
+
+
+def run(cfg, ctx, out: Path) -> dict:
+    info, problems = check(cfg, ctx.run_dir)
+    info["problems"] = problems
+    (out / "preflight.json").write_text(json.dumps(info, indent=1))
+    for p in problems:
+        if cfg.preflight.strict:
+            raise PreflightError(f"preflight: {p} (preflight.strict=true)")
+        log.warning("preflight: %s", p)
+    metrics = {f"preflight/{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+    metrics["preflight/problems"] = len(problems)
+    return metrics
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from tokalign.__main__ import compose_cli
+
+    c = compose_cli(sys.argv[1:])
+    print(json.dumps(check(c, Path("."))[0], indent=1))

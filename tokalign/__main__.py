@@ -1,0 +1,113 @@
+"""``python -m tokalign``: compose the config, validate it, run the pipeline, return the sweep objective.
+
+    python -m tokalign                                   # smoke mode on the demo assets
+    python -m tokalign mode=research hardware=h100
+    python -m tokalign -m lr_stage1=2e-5,5e-5,6.4e-4     # a sweep; compare with python -m tokalign.compare
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tokalign.config import Config, ConfigError, register_configs, register_resolvers, to_config
+
+register_configs()
+register_resolvers()
+
+log = logging.getLogger("tokalign")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+OBJECTIVE_KEYS = ("bpb/stage2", "bpb/stage1", "bpb/init/tokalign")
+
+
+def apply_hardware(cfg: Config) -> None:
+    """Settings that must be in place before torch initialises CUDA."""
+    hw = cfg.hardware
+    if hw.cuda_alloc_conf:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", hw.cuda_alloc_conf)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if hw.torch_threads > 0:
+        torch.set_num_threads(hw.torch_threads)
+    if hw.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or configuration: reported in one line, no traceback."""
+    from tokalign.refs import RefError
+    from tokalign.stages.corpus import CorpusError
+    from tokalign.stages.embed import EmbedError
+    from tokalign.stages.preflight import PreflightError
+
+    return (ConfigError, RefError, CorpusError, EmbedError, PreflightError, FileNotFoundError, PermissionError)
+
+
+def _hydra_info() -> tuple[Path, str, str, Optional[str]]:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    mode = hc.runtime.choices.get("mode") or "custom"
+    name = hc.job.override_dirname or mode
+    group = hc.sweep.dir if str(hc.mode) == "RunMode.MULTIRUN" else None
+    return run_dir, mode, name, group
+
+
+def main_task(dcfg: DictConfig) -> Optional[float]:
+    from tokalign.pipeline import run_pipeline
+    from tokalign.tracking import make_tracker
+
+    try:
+        cfg = to_config(dcfg)
+    except Exception as e:  # OmegaConf validation or our __post_init__ checks
+        msg = str(e).splitlines()[0]
+        print(f"tokalign: config error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+    apply_hardware(cfg)
+    run_dir, mode, name, group = _hydra_info()
+    plain = OmegaConf.to_container(dcfg, resolve=True)
+    tracker = make_tracker(cfg.wandb, config=plain, run_dir=run_dir, job_type=mode, name=name, group=group)
+    code = 1
+    try:
+        summary = run_pipeline(cfg, run_dir, tracker)
+        code = 0
+    except user_errors() as e:
+        print(f"tokalign: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"tokalign: finished stages stay cached under {cfg.cache_dir}; details in {run_dir}/summary.json",
+              file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        tracker.finish(exit_code=code)
+    metrics = summary["metrics"]
+    log.info("summary: %s", run_dir / "summary.json")
+    for k in OBJECTIVE_KEYS:
+        if isinstance(metrics.get(k), (int, float)):
+            return float(metrics[k])
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(dcfg: DictConfig) -> Optional[float]:
+    return main_task(dcfg)
+
+
+def compose_cli(overrides: list[str]) -> Config:
+    """The validated Config for these overrides, without running anything (for module-level CLIs and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+if __name__ == "__main__":
+    main()
