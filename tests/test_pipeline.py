@@ -1,0 +1,92 @@
+"""The cached pipeline runner: keys, cached/computed status, corrupt entries, half-written outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokalign import cache
+from tokalign.config import Config
+from tokalign.pipeline import STAGES, Stage, run_pipeline, stage_key
+
+
+def _cfg(tmp_path, **kw):
+    return Config(source_model="s", target_tokenizer="t", corpus="c", cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _stages(calls):
+    def make(name):
+        def run(cfg, ctx, out):
+            calls.append(name)
+            for up in ("a", "b"):
+                if ctx.path(up) is not None and up != name:
+                    assert (ctx.path(up) / "data.txt").read_text()
+            (out / "data.txt").write_text(f"{name}:{cfg.pivot_count}:{cfg.lr_stage1}")
+            return {f"{name}/value": 1.0}
+        return run
+    return [
+        Stage("a", make("a"), (), ("pivot_count",)),
+        Stage("b", make("b"), ("a",), ("lr_stage1",)),
+    ]
+
+
+def test_second_run_is_cached_and_sweep_reuses_upstream(tmp_path):
+    calls = []
+    s1 = run_pipeline(_cfg(tmp_path), tmp_path / "r1", stages=_stages(calls))
+    assert [s1["stages"][n]["status"] for n in "ab"] == ["computed", "computed"]
+    s2 = run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=_stages(calls))
+    assert [s2["stages"][n]["status"] for n in "ab"] == ["cached", "cached"]
+    assert s2["metrics"]["b/value"] == 1.0
+    s3 = run_pipeline(_cfg(tmp_path, lr_stage1=1e-3), tmp_path / "r3", stages=_stages(calls))
+    assert [s3["stages"][n]["status"] for n in "ab"] == ["cached", "computed"]
+    s4 = run_pipeline(_cfg(tmp_path, pivot_count=7), tmp_path / "r4", stages=_stages(calls))
+    assert [s4["stages"][n]["status"] for n in "ab"] == ["computed", "computed"]  # downstream key changes too
+    assert calls == ["a", "b", "b", "a", "b"]
+    assert (tmp_path / "r4" / "stages" / "b" / "data.txt").read_text() == "b:7:0.00064"
+
+
+def test_corrupt_entry_is_recomputed_not_used(tmp_path):
+    calls = []
+    run_pipeline(_cfg(tmp_path), tmp_path / "r1", stages=_stages(calls))
+    entry = next(p for p in (tmp_path / "cache" / "a").iterdir() if p.is_dir())
+    (entry / "data.txt").write_text("garbage!")  # same size? no: checksum differs either way
+    s = run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=_stages(calls))
+    assert s["stages"]["a"]["status"] == "computed"
+    assert (entry / "data.txt").read_text() == "a:300:0.00064"
+
+
+def test_half_written_output_is_recomputed(tmp_path):
+    calls = []
+    cfg = _cfg(tmp_path)
+    key = stage_key(_stages(calls)[0], cfg, {})
+    partial = tmp_path / "cache" / "a" / f"{key}.partial"
+    partial.mkdir(parents=True)
+    (partial / "data.txt").write_text("half")  # a killed run left this; no manifest
+    s = run_pipeline(cfg, tmp_path / "r", stages=_stages(calls))
+    assert s["stages"]["a"]["status"] == "computed" and calls[0] == "a"
+    assert cache.verify(tmp_path / "cache" / "a" / key)
+    assert not partial.exists()
+
+
+def test_failure_keeps_finished_stages_and_records_error(tmp_path):
+    def boom(cfg, ctx, out):
+        raise ValueError("broken input")
+
+    calls = []
+    stages = _stages(calls)[:1] + [Stage("b", boom, ("a",), ())]
+    with pytest.raises(ValueError):
+        run_pipeline(_cfg(tmp_path), tmp_path / "r", stages=stages)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["stages"]["a"]["status"] == "computed"
+    assert summary["stages"]["b"]["status"] == "failed" and "broken input" in summary["stages"]["b"]["error"]
+    s = run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=_stages(calls))
+    assert s["stages"]["a"]["status"] == "cached"
+
+
+def test_stage_list_reads_only_earlier_stages():
+    seen = set()
+    for st in STAGES:
+        assert set(st.inputs) <= seen, st.name
+        seen.add(st.name)
+    assert [s.name for s in STAGES][:7] == ["preflight", "corpus", "source", "tokenize", "embed", "align", "init"]
