@@ -89,4 +89,4 @@ def test_stage_list_reads_only_earlier_stages():
     for st in STAGES:
         assert set(st.inputs) <= seen, st.name
         seen.add(st.name)
-    assert [s.name for s in STAGES][:7] == ["preflight", "corpus", "source", "tokenize", "embed", "align", "init"]
+    assert [s.name for s in STAGES][:8] == ["preflight", "corpus", "source", "tokenize", "terms", "embed", "align", "init"]

@@ -181,6 +181,21 @@ class EvalConfig:
 
 
 @dataclass
+class TermsConfig:
+    """Domain-term mining (stage ``terms``): which words the corpus is about, and how each tokenizer splits them."""
+
+    top_k: int = 200  # terms kept
+    min_freq: int = 3  # a word seen fewer times is never a term
+    scoring: str = "tfidf"  # frequency, or tfidf (document frequency from `reference`, else from the corpus)
+    reference: Optional[str] = None  # a general-domain corpus (any corpus format) for the idf (None = the corpus itself)
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "terms.top_k", ">= 1", self.top_k)
+        _check(self.min_freq >= 1, "terms.min_freq", ">= 1", self.min_freq)
+        _check(self.scoring in ("frequency", "tfidf"), "terms.scoring", "frequency or tfidf", self.scoring)
+
+
+@dataclass
 class PreflightConfig:
     """Checks run before any work."""
 
@@ -220,6 +235,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # training-loop settings
     eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation settings
     wandb: WandbConfig = field(default_factory=WandbConfig)  # experiment tracking
+    terms: TermsConfig = field(default_factory=TermsConfig)  # domain-term mining
     preflight: PreflightConfig = field(default_factory=PreflightConfig)  # start-up checks
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from tokalign import cache
 from tokalign.config import Config
-from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, tokenize, train
+from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, terms, tokenize, train
 from tokalign.tracking import NullTracker
 
 log = logging.getLogger("tokalign")
@@ -52,6 +52,7 @@ STAGES: list[Stage] = [
                                      "holdout_fraction")),
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
     Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
+    Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),
     Stage("embed", embed.run, ("tokenize",), ("embed",)),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
