@@ -22,7 +22,7 @@ def _options(group: str) -> list[str]:
 def test_every_group_option_composes_and_validates():
     combos = [[]]
     combos += [[f"{g}={o}"] for g in GROUPS for o in _options(g)]
-    combos += [[f"+experiment={o}"] for o in _options("experiment")]
+    combos += [[f"experiment={o}"] for o in _options("experiment")]
     assert len(combos) > 10
     for overrides in combos:
         cfg = compose_cli(overrides)
@@ -86,3 +86,15 @@ def test_cli_bad_value_is_one_line(tmp_path):
     assert r.returncode == 2
     assert "config error: config key 'pivot_count'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override", ["hydra/launcher=slurm", "hydra/sweeper=optuna_bpb"])
+def test_hydra_plugin_configs_compose(override):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[override], return_hydra_config=True)
+    if "launcher" in override:
+        assert cfg.hydra.launcher.gpus_per_node == 1 and "submitit" in cfg.hydra.launcher._target_
+    else:
+        assert cfg.hydra.sweeper.direction == "minimize" and "lr_stage1" in cfg.hydra.sweeper.params
