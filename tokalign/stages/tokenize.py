@@ -34,6 +34,10 @@ def _init_worker(dirs: list[str]) -> None:
     _WORKER["toks"] = [refs.load_tokenizer(d) for d in dirs]
 
 
+def _ready(_: int) -> bool:
+    return bool(_WORKER.get("toks"))
+
+
 def _encode_chunk(texts: list[str]) -> list[list[np.ndarray]]:
     out = []
     for tok in _WORKER["toks"]:
@@ -47,13 +51,16 @@ def encode_corpus(texts: list[str], tokenizer_dirs: list[str], workers: int,
     """Token-ID arrays and offsets of ``texts`` under each tokenizer folder; returns (ids, offsets, seconds)."""
     chunks = [texts[i:i + chunk_docs] for i in range(0, len(texts), chunk_docs)]
     per_tok: list[list[np.ndarray]] = [[] for _ in tokenizer_dirs]
-    t0 = time.time()
     if workers <= 1 or len(chunks) <= 1:
         _init_worker(tokenizer_dirs)
+        t0 = time.time()
         results = (_encode_chunk(c) for c in chunks)
         pool = None
     else:
-        pool = mp.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker, (tokenizer_dirs,))
+        n = min(workers, len(chunks))
+        pool = mp.get_context("spawn").Pool(n, _init_worker, (tokenizer_dirs,))
+        pool.map(_ready, range(n), chunksize=1)  # wait for every worker to load its tokenizers: time encoding only
+        t0 = time.time()
         results = pool.imap(_encode_chunk, chunks)
     try:
         for res in tqdm(results, total=len(chunks), desc="tokenize", unit=" chunks", mininterval=2):
