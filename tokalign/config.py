@@ -87,11 +87,16 @@ class HardwareConfig:
     min_gpu_memory_gb: float = 0.0  # preflight: free GPU memory wanted
     min_free_disk_gb: float = 2.0  # preflight: free disk wanted at the run and cache directories
     cuda_alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF, set before CUDA initialises
+    nproc_per_node: int = 1  # >1: training stages run as a child torchrun with this many processes
+    distributed: str = "ddp"  # ddp, fsdp or deepspeed_zero3 (with nproc_per_node > 1)
 
     def __post_init__(self) -> None:
         _check(self.device in ("cpu", "cuda"), "hardware.device", "cpu or cuda", self.device)
         _check(self.dtype in ("float32", "bfloat16"), "hardware.dtype", "float32 or bfloat16", self.dtype)
         _check(self.tokenizer_workers >= 1, "hardware.tokenizer_workers", ">= 1", self.tokenizer_workers)
+        _check(self.nproc_per_node >= 1, "hardware.nproc_per_node", ">= 1", self.nproc_per_node)
+        _check(self.distributed in ("ddp", "fsdp", "deepspeed_zero3"), "hardware.distributed",
+               "ddp, fsdp or deepspeed_zero3", self.distributed)
         _check(
             self.attn_implementation in ("eager", "sdpa", "flash_attention_2"),
             "hardware.attn_implementation",

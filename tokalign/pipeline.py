@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from omegaconf import OmegaConf
 
 from tokalign import cache
+from tokalign.distributed import launched
 from tokalign.config import Config
 from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, terms, tokenize, train
 from tokalign.tracking import NullTracker
@@ -59,10 +60,10 @@ STAGES: list[Stage] = [
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),
     Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "init"), ("eval", "init_methods",
                                                                                          "hardware.dtype")),
-    Stage("train_stage1", train.run_stage1, ("corpus", "tokenize", "init"),
+    Stage("train_stage1", launched(train.run_stage1), ("corpus", "tokenize", "init"),
           ("lr_stage1", "steps_stage1", "train", "lr_schedule", "seed", "hardware.dtype"),
           resumable=True, when=lambda cfg: cfg.steps_stage1 > 0),
-    Stage("train_stage2", train.run_stage2, ("corpus", "tokenize", "init", "train_stage1"),
+    Stage("train_stage2", launched(train.run_stage2), ("corpus", "tokenize", "init", "train_stage1"),
           ("lr_stage2", "steps_stage2", "train_start_idx_stage2", "stage2_use_lora", "train", "lr_schedule", "seed",
            "hardware.dtype", "steps_stage1"),
           resumable=True, when=lambda cfg: cfg.steps_stage2 > 0),

@@ -47,6 +47,9 @@ def check(cfg, run_dir: Path) -> tuple[dict, list[str]]:
             free, total = torch.cuda.mem_get_info()
             info.update(gpu=torch.cuda.get_device_name(0), gpu_free_gb=round(free / 2**30, 2),
                         gpu_total_gb=round(total / 2**30, 2), gpu_count=torch.cuda.device_count())
+            if hw.nproc_per_node > torch.cuda.device_count():
+                problems.append(f"hardware.nproc_per_node={hw.nproc_per_node} but {torch.cuda.device_count()} GPU(s) "
+                                "are visible")
             if free / 2**30 < hw.min_gpu_memory_gb:
                 problems.append(f"GPU has {free / 2**30:.1f} GB free; hardware.min_gpu_memory_gb="
                                 f"{hw.min_gpu_memory_gb} wanted")
