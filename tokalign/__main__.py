@@ -87,6 +87,13 @@ def main_task(dcfg: DictConfig) -> Optional[float]:
               file=sys.stderr)
         raise SystemExit(2)
     finally:
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            import json
+
+            tracker.summary({k: v for k, v in json.loads(summary_file.read_text())["metrics"].items()
+                             if isinstance(v, (int, float, str))})
+            tracker.artifact(f"summary-{tracker.run.id if tracker.run else 'run'}", "summary", [summary_file])
         tracker.finish(exit_code=code)
     metrics = summary["metrics"]
     log.info("summary: %s", run_dir / "summary.json")
