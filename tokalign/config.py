@@ -134,6 +134,8 @@ class TrainConfig:
     logging_steps: int = 1  # log loss, lr, grad norm every N steps
     gradient_checkpointing: bool = False  # trade compute for activation memory
     compile: bool = False  # torch.compile the model
+    keep_checkpoints: bool = False  # keep checkpoints in the cache after a stage succeeds (else deleted: ~2 x model size)
+    resume_from_checkpoint: Optional[str] = None  # resume from this checkpoint folder (None = the latest in the stage output)
     shuffle_buffer: int = 0  # >0: shuffle within a buffer of this many sequences (streamed corpora)
     lora_r: int = 16  # LoRA rank (stage 2 with stage2_use_lora)
     lora_alpha: int = 32  # LoRA scaling

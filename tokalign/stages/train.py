@@ -1,9 +1,599 @@
-"""Stages `train_stage1` / `train_stage2` (being written)."""
+"""Stages ``train_stage1`` (embeddings + output head only) and ``train_stage2`` (whole model or LoRA).
+
+Both run transformers' ``Trainer`` over :class:`tokalign.data.PackedSequences`: the packed target-token
+stream of the training corpus, in a seeded order that is a pure function of the global sequence index
+(no shuffling in the dataloader: a ``SequentialSampler`` keeps the dataset's order). Stage 1 reads
+sequences ``[0, steps_stage1 * global_batch)``; stage 2 starts at ``train_start_idx_stage2`` or, by
+default, where stage 1 stopped (read from stage 1's ``data_state.json``), whatever the number of GPUs.
+
+Outputs (``out``):
+  ``model/``            the trained model (LoRA merged) with the target tokenizer, safetensors, float32
+  ``log_history.json``  list of {step, loss, lr, grad_norm, tokens_seen, passes[, eval_bpb]}
+  ``data_state.json``   {start_idx, end_idx, n_blocks, seq_len, global_batch, passes, seed}
+  ``resume.json``       {resumed, step, checkpoint}: the checkpoint this (last) run continued from, if any
+  ``checkpoints/``      only while training: a crashed stage resumes from the latest ``checkpoint-*``;
+                        removed after success unless ``train.keep_checkpoints`` is set
+Stage 2 also hard-links (or copies) its model to ``<run dir>/adapted_model``.
+
+A loss or gradient norm that turns NaN/inf stops the stage with :class:`TrainingDivergedError`
+before the optimizer applies it, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from tokalign.data import PackedSequences, load_token_arrays, pack_blocks
+
+log = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many eval documents (the final eval stage uses more)
 
 
-def run_stage1(cfg, ctx, out):
-    raise NotImplementedError("train_stage1")
+class TrainInputError(ValueError):
+    """A training stage's input (an upstream folder or a checkpoint) is missing or malformed."""
 
 
-def run_stage2(cfg, ctx, out):
-    raise NotImplementedError("train_stage2")
+class TrainingDivergedError(RuntimeError):
+    """The training loss or gradient norm became NaN/inf."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete ``checkpoint-<step>`` folders under ``folder``, oldest first (a checkpoint without
+    ``trainer_state.json`` was cut off while saving and is ignored)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def lr_scheduler_args(cfg, steps: int) -> tuple[str, dict]:
+    """transformers' ``lr_scheduler_type`` and ``lr_scheduler_kwargs`` for ``cfg.lr_schedule`` over ``steps``
+    (the warmup, ``cfg.lr_schedule.warmup_ratio`` of the steps, is passed separately as ``warmup_steps``)."""
+    s = cfg.lr_schedule
+    min_ratio = float(getattr(s, "min_lr_ratio", 0.0) or 0.0)
+    if s.name == "cosine":
+        return ("cosine_with_min_lr", {"min_lr_rate": min_ratio}) if min_ratio > 0 else ("cosine", {})
+    if s.name == "linear":
+        if min_ratio > 0:
+            log.info("lr_schedule.min_lr_ratio is not supported by the linear schedule: it decays to 0")
+        return "linear", {}
+    if s.name == "constant":
+        return "constant_with_warmup", {}
+    if s.name == "wsd":
+        return "warmup_stable_decay", {"num_decay_steps": int(round(steps * s.decay_ratio)), "min_lr_ratio": min_ratio}
+    raise TrainInputError(f"config key 'lr_schedule.name': expected cosine, linear, constant or wsd, got {s.name!r}")
+
+
+def _module_name(model, module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise RuntimeError("module not found in the model")
+
+
+def _is_tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _read_eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
+    if corpus_dir is None:
+        return []
+    path = Path(corpus_dir) / "eval.jsonl"
+    if not path.is_file():
+        return []
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TrainInputError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+            if text:
+                texts.append(text)
+            if len(texts) >= limit:
+                break
+    return texts
+
+
+def _fallback_bpb(model, tokenizer, texts: list[str], *, seq_len: int, device) -> dict:
+    """Bits per byte with non-overlapping windows, each document scored after an EOS (used while
+    ``tokalign.metrics`` is unavailable)."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    nll, nbytes, ntok = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        nbytes += len(text.encode("utf-8"))
+        ctx_ids = ([eos] if eos is not None else []) + list(ids)
+        pos = 1  # the first token without a preceding EOS is not scored
+        while pos < len(ctx_ids):
+            lo = max(0, pos - 1)
+            hi = min(len(ctx_ids), lo + seq_len)
+            x = torch.tensor([ctx_ids[lo:hi]], device=device)
+            logits = model(input_ids=x).logits.float()
+            lp = torch.log_softmax(logits[0, :-1], dim=-1)
+            tgt = x[0, 1:]
+            nll -= lp.gather(1, tgt[:, None]).sum().item()
+            ntok += len(tgt)
+            pos = hi
+    return {"bpb": nll / math.log(2) / max(nbytes, 1), "tokens": ntok, "bytes": nbytes}
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` made of hard links where the filesystem allows (no extra disk)."""
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Trainer pieces
+
+def _make_trainer_classes():
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback
+
+    class OrderedTrainer(Trainer):
+        """A Trainer that keeps the dataset's order and stops on a NaN/inf loss or gradient norm."""
+
+        stage_name = "train"
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return SequentialSampler(ds)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            d = loss.detach().float().reshape(())
+            acc = getattr(self, "_step_loss", None)
+            self._step_loss = d if acc is None else acc + d
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            gn = super()._get_grad_norm(model, grad_norm=grad_norm)
+            loss = getattr(self, "_step_loss", None)
+            self._step_loss = None
+            vals = []
+            if loss is not None:
+                vals.append(loss.reshape(()))
+            if gn is not None:
+                g = gn if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
+                vals.append(g.detach().float().reshape(()).to(vals[0].device if vals else g.device))
+            if vals:
+                v = torch.stack(vals).cpu()  # one sync per optimizer step
+                if not torch.isfinite(v).all():
+                    step = self.state.global_step + 1
+                    last = checkpoints(Path(self.args.output_dir))
+                    what = "loss" if loss is not None and not math.isfinite(float(v[0])) else "gradient norm"
+                    raise TrainingDivergedError(
+                        f"{self.stage_name}: the training {what} became {float(v[0 if what == 'loss' else -1])} at "
+                        f"optimizer step {step} of {self.state.max_steps}; stopped before applying it. Last good "
+                        f"checkpoint: {last[-1] if last else 'none'}. Lower the learning rate or check the data.")
+            return gn
+
+    class StageCallback(TrainerCallback):
+        """Logs ``<ns>/loss, lr, grad_norm, tokens_seen, tokens_per_s, passes`` and runs the light bpb eval."""
+
+        def __init__(self, *, ns: str, tracker, tokens_per_step: int, start_idx: int, global_batch: int,
+                     n_blocks: int, eval_fn, eval_steps: int) -> None:
+            self.ns = ns
+            self.tracker = tracker
+            self.tokens_per_step = tokens_per_step
+            self.start_idx = start_idx
+            self.global_batch = global_batch
+            self.n_blocks = n_blocks
+            self.eval_fn = eval_fn
+            self.eval_steps = eval_steps
+            self.t_last: Optional[float] = None
+            self.step_last = 0
+            self.t_begin: Optional[float] = None
+            self.step_begin = 0
+            self.eval_seconds = 0.0
+            self.last_eval_step = -1
+            self.last_bpb: Optional[float] = None
+            self.last_loss: Optional[float] = None
+
+        def passes_at(self, step: int) -> float:
+            return (self.start_idx + step * self.global_batch) / self.n_blocks
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t_begin = self.t_last = time.time()
+            self.step_begin = self.step_last = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            step = state.global_step
+            now = time.time()
+            dt = max(now - (self.t_last or now) - self._eval_since_last, 1e-9)
+            tps = (step - self.step_last) * self.tokens_per_step / dt
+            self.t_last, self.step_last, self._eval_since_last = now, step, 0.0
+            self.last_loss = float(logs["loss"])
+            rec = {f"{self.ns}/step": step, f"{self.ns}/loss": self.last_loss,
+                   f"{self.ns}/lr": float(logs.get("learning_rate", float("nan"))),
+                   f"{self.ns}/tokens_seen": step * self.tokens_per_step, f"{self.ns}/tokens_per_s": tps,
+                   f"{self.ns}/passes": self.passes_at(step)}
+            if logs.get("grad_norm") is not None:
+                rec[f"{self.ns}/grad_norm"] = float(logs["grad_norm"])
+            if state.is_world_process_zero:
+                self.tracker.log(rec)
+
+        _eval_since_last = 0.0
+
+        def run_eval(self, state, model) -> None:
+            if self.eval_fn is None or state.global_step == self.last_eval_step:
+                return
+            t0 = time.time()
+            bpb = self.eval_fn(model)
+            dt = time.time() - t0
+            self.eval_seconds += dt
+            self._eval_since_last += dt
+            self.last_eval_step = state.global_step
+            if bpb is None:
+                return
+            self.last_bpb = bpb
+            state.log_history.append({"step": state.global_step, "eval_bpb": bpb})
+            if state.is_world_process_zero:
+                self.tracker.log({f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb})
+            log.info("[%s] step %d: eval bits per byte %.4f (%.1fs)", self.ns, state.global_step, bpb, dt)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step is always logged, whatever logging_steps says
+            if self.eval_steps > 0 and state.global_step % self.eval_steps == 0:
+                self.run_eval(state, model)
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.run_eval(state, model)
+
+    return OrderedTrainer, StageCallback
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the stage
+
+def _device_and_precision(cfg) -> tuple[bool, bool]:
+    import torch
+
+    want_cuda = cfg.hardware.device == "cuda"
+    use_cuda = want_cuda and torch.cuda.is_available()
+    if want_cuda and not use_cuda:
+        log.warning("hardware.device=cuda but CUDA is not available: training on the CPU in float32")
+    bf16 = use_cuda and cfg.hardware.dtype == "bfloat16"
+    return use_cuda, bf16
+
+
+def _warmup_args(args_cls, ratio: float) -> dict:
+    """Warmup as a share of the steps: ``warmup_ratio`` where this transformers version has it, else a float
+    ``warmup_steps`` below 1 (transformers 5 reads that as a share)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"warmup_ratio": float(ratio)} if "warmup_ratio" in names else {"warmup_steps": float(ratio)}
+
+
+def _checkpointing_args(args_cls, on: bool) -> dict:
+    """Activation checkpointing switches under the name this transformers version uses."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: bool(on), f"{key}_kwargs": {"use_reentrant": False} if on else None}
+
+
+def _stage1_start(cfg, ctx, global_batch: int) -> int:
+    return 0
+
+
+def _stage2_start(cfg, ctx, global_batch: int) -> int:
+    if cfg.train_start_idx_stage2 >= 0:
+        return int(cfg.train_start_idx_stage2)
+    s1 = ctx.path("train_stage1")
+    if s1 is not None and (Path(s1) / "data_state.json").is_file():
+        return int(json.loads((Path(s1) / "data_state.json").read_text())["end_idx"])
+    return int(cfg.steps_stage1) * global_batch
+
+
+def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (),
+                resume_from_checkpoint: Optional[str] = None) -> dict:
+    """Run training stage 1 or 2 into ``out``; returns ``stage<k>/…`` metrics.
+
+    ``callbacks``: extra ``TrainerCallback`` objects (tests use them to interrupt a run).
+    ``resume_from_checkpoint``: a checkpoint folder to continue from (an error if it does not exist);
+    by default the latest complete ``out/checkpoints/checkpoint-*`` is resumed when there is one.
+    """
+    import torch
+    import transformers
+    from transformers import TrainingArguments, default_data_collator
+
+    from tokalign import refs
+
+    assert stage in (1, 2)
+    ns, name = f"stage{stage}", f"train_stage{stage}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    steps = int(cfg.steps_stage1 if stage == 1 else cfg.steps_stage2)
+    lr = float(cfg.lr_stage1 if stage == 1 else cfg.lr_stage2)
+    if steps <= 0:
+        raise TrainInputError(f"config key 'steps_stage{stage}': expected > 0 for {name}, got {steps}")
+    tc = cfg.train
+
+    # ---- inputs
+    init_dir = ctx.path("init")
+    if init_dir is None:
+        raise TrainInputError(f"{name}: the init stage's output is missing (ctx.path('init') is None)")
+    model_dir = Path(init_dir) / "model"
+    if stage == 2 and ctx.path("train_stage1") is not None:
+        model_dir = Path(ctx.path("train_stage1")) / "model"
+    if not (model_dir / "config.json").is_file():
+        raise TrainInputError(f"{model_dir}: expected a Hugging Face model folder (config.json missing)")
+    tok_dir = ctx.path("tokenize")
+    if tok_dir is None:
+        raise TrainInputError(f"{name}: the tokenize stage's output is missing (ctx.path('tokenize') is None)")
+
+    tokenizer = refs.load_tokenizer(str(model_dir))
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise TrainInputError(f"{model_dir}: the tokenizer has no EOS token (needed between packed documents)")
+
+    use_cuda, bf16 = _device_and_precision(cfg)
+    transformers.set_seed(cfg.seed)
+    model = refs.load_model(str(model_dir), dtype="float32", attn_implementation=cfg.hardware.attn_implementation)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, offsets = load_token_arrays(tok_dir)
+    if len(ids) and int(np.max(ids)) >= vocab:
+        raise TrainInputError(f"{Path(tok_dir) / 'target_ids.npy'}: token id {int(np.max(ids))} is outside the "
+                              f"model's vocabulary of {vocab} rows ({model_dir})")
+    if eos_id >= vocab:
+        raise TrainInputError(f"{model_dir}: EOS id {eos_id} is outside the model's vocabulary of {vocab} rows")
+    tied = _is_tied(model)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False  # no KV cache while training; restored in the saved config
+
+    # ---- what trains
+    if stage == 1:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        if model.get_output_embeddings() is not None:
+            model.get_output_embeddings().weight.requires_grad_(True)
+    elif cfg.stage2_use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        emb_name = _module_name(model, model.get_input_embeddings()).split(".")[-1]
+        to_save = [emb_name]
+        head = model.get_output_embeddings()
+        if head is not None and not tied:
+            to_save.append(_module_name(model, head).split(".")[-1])
+        lora_kwargs = dict(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                           target_modules=list(tc.lora_target_modules), modules_to_save=to_save, task_type="CAUSAL_LM")
+        if tied:
+            lora_kwargs["ensure_weight_tying"] = True  # embedding and head stay one trainable matrix
+        model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    log.info("[%s] %s trainable parameters of %s (%s)", name, f"{n_train:,}", f"{n_total:,}",
+             "embeddings + head" if stage == 1 else ("LoRA + embeddings" if cfg.stage2_use_lora else "all"))
+
+    # ---- arguments
+    sched, sched_kwargs = lr_scheduler_args(cfg, steps)
+    ckpt_dir = out / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        max_steps=steps,
+        per_device_train_batch_size=tc.micro_batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=lr,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        lr_scheduler_type=sched,
+        lr_scheduler_kwargs=sched_kwargs,
+        **_warmup_args(TrainingArguments, cfg.lr_schedule.warmup_ratio),
+        optim="adamw_torch_fused" if use_cuda else "adamw_torch",
+        logging_steps=tc.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        tf32=bool(cfg.hardware.tf32) if use_cuda else None,
+        use_cpu=not use_cuda,
+        **_checkpointing_args(TrainingArguments, tc.gradient_checkpointing),
+        torch_compile=tc.compile,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=use_cuda,
+        eval_strategy="no",
+        disable_tqdm=False,
+    )
+    global_batch = tc.micro_batch_size * tc.grad_accum * args.world_size
+
+    # ---- data
+    if getattr(tc, "shuffle_buffer", 0):
+        log.info("[%s] train.shuffle_buffer=%d is ignored: the token arrays are in memory, so every pass is a full "
+                 "seeded permutation", name, tc.shuffle_buffer)
+    blocks = pack_blocks(ids, offsets, eos_id, tc.seq_len, source=str(Path(tok_dir) / "target_ids.npy"))
+    start_idx = _stage1_start(cfg, ctx, global_batch) if stage == 1 else _stage2_start(cfg, ctx, global_batch)
+    dataset = PackedSequences(blocks, cfg.seed, start_idx, steps * global_batch)
+    log.info("[%s] %d packed blocks of %d tokens; sequences %d..%d (global batch %d); %.2f passes", name,
+             dataset.n_blocks, tc.seq_len, start_idx, start_idx + len(dataset) - 1, global_batch, dataset.passes)
+    data_state = {"start_idx": start_idx, "end_idx": start_idx + len(dataset), "n_blocks": dataset.n_blocks,
+                  "seq_len": tc.seq_len, "global_batch": global_batch, "passes": dataset.passes, "seed": cfg.seed}
+
+    # ---- eval
+    n_eval = cfg.eval.max_eval_samples if cfg.eval.max_eval_samples > 0 else EVAL_DOCS_CAP
+    eval_texts = _read_eval_texts(ctx.path("corpus"), min(n_eval, EVAL_DOCS_CAP))
+    eval_fn = None
+    if eval_texts:
+        def eval_fn(m):
+            device = args.device
+            was_training = m.training
+            m.eval()
+            try:
+                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    try:
+                        from tokalign.metrics import bits_per_byte
+                    except ImportError:
+                        res = _fallback_bpb(m, tokenizer, eval_texts, seq_len=cfg.eval.seq_len, device=device)
+                    else:
+                        extra = {"progress": False} if "progress" in inspect.signature(bits_per_byte).parameters \
+                            else {}
+                        res = bits_per_byte(m, tokenizer, eval_texts, seq_len=cfg.eval.seq_len,
+                                            stride=cfg.eval.stride, batch_size=cfg.eval.batch_size, device=device,
+                                            **extra)
+                return float(res["bpb"])
+            finally:
+                if was_training:
+                    m.train()
+    else:
+        log.info("[%s] no eval texts (corpus/eval.jsonl missing or empty): no bits per byte during training", name)
+
+    # ---- trainer
+    OrderedTrainer, StageCallback = _make_trainer_classes()
+    ctx.tracker.define_step(ns)
+    cb = StageCallback(ns=ns, tracker=ctx.tracker, tokens_per_step=global_batch * tc.seq_len, start_idx=start_idx,
+                       global_batch=global_batch, n_blocks=dataset.n_blocks, eval_fn=eval_fn,
+                       eval_steps=tc.eval_steps)
+    trainer = OrderedTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                             callbacks=[cb, *callbacks])
+    trainer.stage_name = name
+
+    resume = None
+    if resume_from_checkpoint is not None:
+        if not (Path(resume_from_checkpoint) / "trainer_state.json").is_file():
+            raise TrainInputError(f"{resume_from_checkpoint}: no such checkpoint (expected a checkpoint-<step> folder "
+                                  "with trainer_state.json)")
+        resume = str(resume_from_checkpoint)
+    else:
+        found = checkpoints(ckpt_dir)
+        if found:
+            resume = str(found[-1])
+    if resume:
+        log.info("[%s] resuming from %s", name, resume)
+    resume_step = int(json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)) if resume \
+        else 0
+    (out / "resume.json").write_text(json.dumps({"resumed": bool(resume), "step": resume_step,
+                                                 "checkpoint": Path(resume).name if resume else None}))
+
+    def write_history() -> list[dict]:
+        hist = _history(trainer.state.log_history, global_batch * tc.seq_len, start_idx, global_batch,
+                        dataset.n_blocks)
+        (out / "log_history.json").write_text(json.dumps(hist, indent=1))
+        return hist
+
+    t_train = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        write_history()
+    train_seconds = time.time() - t_train
+    hist = write_history()
+    (out / "data_state.json").write_text(json.dumps(data_state, indent=1))
+
+    # ---- save
+    final = trainer.model
+    if stage == 2 and cfg.stage2_use_lora:
+        final = final.merge_and_unload()
+    if hasattr(final, "_orig_mod"):
+        final = final._orig_mod
+    model_out = out / "model"
+    if model_out.exists():
+        shutil.rmtree(model_out)
+    if use_cache is not None:
+        final.config.use_cache = use_cache
+    final.save_pretrained(str(model_out))
+    tokenizer.save_pretrained(str(model_out))
+    if stage == 2:
+        adapted = Path(ctx.run_dir) / "adapted_model"
+        _link_or_copy_tree(model_out, adapted)
+        if getattr(cfg.wandb, "log_model", False):
+            ctx.tracker.artifact("adapted_model", "model", [adapted])
+    if not getattr(tc, "keep_checkpoints", False):  # last: a crash before here still resumes from them
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    trained_steps = trainer.state.global_step - cb.step_begin
+    train_time = max(train_seconds - cb.eval_seconds, 1e-9)
+    losses = [h["loss"] for h in hist if "loss" in h]
+    metrics = {
+        f"{ns}/final_loss": float(losses[-1]) if losses else float("nan"),
+        f"{ns}/steps": int(trainer.state.global_step),
+        f"{ns}/tokens_seen": int(trainer.state.global_step * global_batch * tc.seq_len),
+        f"{ns}/tokens_per_s": trained_steps * global_batch * tc.seq_len / train_time,
+        f"{ns}/passes": float(dataset.passes),
+        f"{ns}/start_idx": int(start_idx),
+        f"{ns}/trainable_params": int(n_train),
+        f"{ns}/seconds": time.time() - t_start,
+    }
+    if cb.last_bpb is not None:
+        metrics[f"{ns}/eval_bpb"] = float(cb.last_bpb)
+    log.info("[%s] done: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return metrics
+
+
+def _history(log_history: list[dict], tokens_per_step: int, start_idx: int, global_batch: int,
+             n_blocks: int) -> list[dict]:
+    """Trainer log entries merged per step into {step, loss, lr, grad_norm, tokens_seen, passes[, eval_bpb]}."""
+    by_step: dict[int, dict] = {}
+    for e in log_history:
+        step = int(e.get("step", 0))
+        rec = by_step.setdefault(step, {"step": step, "tokens_seen": step * tokens_per_step,
+                                        "passes": (start_idx + step * global_batch) / n_blocks})
+        if "loss" in e:
+            rec["loss"] = float(e["loss"])
+            rec["lr"] = float(e.get("learning_rate", float("nan")))
+            if e.get("grad_norm") is not None:
+                rec["grad_norm"] = float(e["grad_norm"])
+        if "eval_bpb" in e:
+            rec["eval_bpb"] = float(e["eval_bpb"])
+    return [by_step[s] for s in sorted(by_step) if len(by_step[s]) > 3]
+
+
+def run_stage1(cfg, ctx, out: Path) -> dict:
+    """Stage 1: train only the input embeddings and the output head (one matrix when tied)."""
+    return train_stage(cfg, ctx, out, 1, resume_from_checkpoint=getattr(cfg.train, "resume_from_checkpoint", None))
+
+
+def run_stage2(cfg, ctx, out: Path) -> dict:
+    """Stage 2: train the whole model, or LoRA adapters plus the embedding/head rows (``stage2_use_lora``)."""
+    return train_stage(cfg, ctx, out, 2, resume_from_checkpoint=getattr(cfg.train, "resume_from_checkpoint", None))
