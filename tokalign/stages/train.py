@@ -314,6 +314,26 @@ def _checkpointing_args(args_cls, on: bool) -> dict:
     return {key: bool(on), f"{key}_kwargs": {"use_reentrant": False} if on else None}
 
 
+def _distributed_args(cfg, model, use_cuda: bool) -> dict:
+    """DDP (gloo on CPU, NCCL on GPU), FSDP full-shard, or DeepSpeed ZeRO-3, by ``hardware.distributed``;
+    only used when this process is one of several (a child of torchrun, see ``tokalign/distributed.py``)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    kind = cfg.hardware.distributed
+    if kind == "fsdp":
+        layers = sorted(getattr(model, "_no_split_modules", None) or [])
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"transformer_layer_cls_to_wrap": layers, "use_orig_params": True}}
+    if kind == "deepspeed_zero3":
+        return {"deepspeed": {
+            "zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}}
+    return {"ddp_backend": "nccl" if use_cuda else "gloo", "ddp_find_unused_parameters": False}
+
+
 def _stage1_start(cfg, ctx, global_batch: int) -> int:
     return 0
 
@@ -446,6 +466,7 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
         dataloader_pin_memory=use_cuda,
         eval_strategy="no",
         disable_tqdm=False,
+        **_distributed_args(cfg, model, use_cuda),
     )
     global_batch = tc.micro_batch_size * tc.grad_accum * args.world_size
 
