@@ -185,8 +185,7 @@ def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Option
         record["seconds"] = round(time.time() - t0, 3)
         records[stage.name] = record
         (run_dir / f"{stage.name}.json").write_text(json.dumps({**record, "metrics": _json_safe(metrics)}, indent=1))
-        ctx.tracker.log({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                         f"time/{stage.name}_s": record["seconds"]})
+        ctx.tracker.stage_done({**metrics, f"time/{stage.name}_s": record["seconds"]})
         write_summary(run_dir, ctx.metrics, records)
         log.info("[%s] %s in %.1fs", stage.name, record["status"], record["seconds"])
     return json.loads((run_dir / "summary.json").read_text())

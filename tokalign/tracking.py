@@ -62,6 +62,9 @@ class NullTracker:
     def image(self, name: str, path: Path) -> None:
         pass
 
+    def stage_done(self, metrics: dict) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -95,6 +98,15 @@ class WandbTracker(NullTracker):
     def summary(self, metrics: dict) -> None:
         for k, v in metrics.items():
             self.run.summary[k] = v
+
+    def stage_done(self, metrics: dict) -> None:
+        """A finished stage's numbers: all into the run summary; logged as points too, except under a
+        namespace with its own step metric (``stage1/...``), whose points the stage logged itself."""
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.summary(numeric)
+        points = {k: v for k, v in numeric.items() if k.split("/", 1)[0] not in self._defined}
+        if points:
+            self.run.log(points)
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.run.log({name: self._wandb.Table(columns=columns, data=rows)})

@@ -57,13 +57,32 @@ def train_vectors(ids: np.ndarray, offsets: np.ndarray, work: Path, *, dim: int,
             "tokens": int(len(ids))}
 
 
+def train_vectors_isolated(*args, **kwargs) -> dict:
+    """``train_vectors`` in a fresh spawned process.
+
+    fastText's training is sensitive to the state of the process it runs in: seen here, the same
+    stream and settings train cleanly in a fresh interpreter but raise "Encountered NaN" after a
+    Hugging Face tokenizer was loaded in the same process. A fresh process keeps the vectors
+    reproducible, and a crash inside fastText cannot take the pipeline down with it.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        try:
+            return ex.submit(train_vectors, *args, **kwargs).result()
+        except BrokenProcessPool as e:
+            raise EmbedError(f"{kwargs.get('side', '')} token stream: the fastText process died ({e})") from e
+
+
 def run(cfg, ctx, out: Path) -> dict:
     tok_dir = ctx.path("tokenize")
     e = cfg.embed
     metrics = {}
     for side in ("source", "target"):
         ids, offsets = load_stream(tok_dir, side)
-        res = train_vectors(ids, offsets, out, dim=e.dim, epoch=e.epoch, min_count=e.min_count, lr=e.lr,
+        res = train_vectors_isolated(ids, offsets, out, dim=e.dim, epoch=e.epoch, min_count=e.min_count, lr=e.lr,
                             thread=e.thread, window=e.window, neg=e.neg, side=side)
         np.savez(out / f"{side}.npz", ids=res["ids"], vectors=res["vectors"], counts=res["counts"])
         tps = res["tokens"] * e.epoch / max(res["seconds"], 1e-9)
