@@ -1,5 +1,444 @@
-"""Stage `align` (being written)."""
+"""Stage ``align``: which source embedding rows each target token starts from (TokAlign).
+
+Reads the source tokenizer (``source/model``), the target tokenizer (``tokenize/target_tokenizer``)
+and the fastText vectors of both token streams (``embed/source.npz``, ``embed/target.npz``).
+For every target token it decides, in this order:
+
+* ``how = 3`` special token by role: the target's BOS/EOS/PAD/UNK token takes the source token of
+  the same role (a token with several roles: BOS wins, then EOS, PAD, UNK), never by name;
+* ``how = 0`` gold match: the same canonical bytes exist in the source vocabulary -> copy that row;
+* ``how = 1`` aligned: the token has a vector, the plain cosine of its relative representation
+  to the best source candidate (chosen by ``alignment.scoring``: cos or CSLS) is at least
+  ``similarity_threshold``, AND the candidate is trustworthy: its margin over the runner-up
+  (in the chosen scoring) is at least the margin at which held-out gold pairs (gold tokens that
+  are not pivots) are found with precision ``alignment.min_precision`` -> the best row, or a
+  softmax(score / temperature) mix of the ``alignment.top_k`` best rows whose cosine also
+  passes the threshold, optionally blended with the FVT composition (``alignment.blend_fvt``);
+* ``how = 2`` fallback: everything else (below the threshold or the margin, or never seen by the
+  corpus) -> the mean of the rows of its pieces under the SOURCE tokenizer (FVT).
+
+The precision guard matters: fastText vectors from a small corpus (the 0.7 MB smoke corpus with
+``embed.epoch=5``) give relative representations whose cosines are all ~0.99, so a plain
+threshold lets noise through (the published 1:1 rule is far worse than FVT there); the guard
+measures how often the search is right on gold pairs and aligns nothing when it is not.
+
+New rows (aligned and FVT, not gold or special) are multiplied by ``alignment.seen_scale`` (tokens
+the corpus produced) or ``alignment.unseen_scale`` (tokens it never produced): with tied
+embeddings every new row is also an output row competing with the copied ones in the softmax,
+and shrinking the ~110k rows of tokens the domain never uses takes that probability back.
+``alignment.special_match=name`` lets a role token with a same-named source special (Qwen2's
+``<|endoftext|>`` and SmolLM2's) keep the name match instead of the role rule.
+Until ``AlignmentConfig`` has these keys they are read with ``getattr`` (defaults in ``DEFAULTS``).
+
+Writes ``alignment.npz``:
+
+=====================  =====================  ==================================================
+key                    dtype [shape]          meaning
+=====================  =====================  ==================================================
+how                    int8 [V_t]             0 gold, 1 aligned, 2 FVT fallback, 3 special by role
+src                    int64 [V_t, K]         source ids combined per row (-1 = unused slot)
+weight                 float32 [V_t, K]       their weights (0 = unused); rows sum to 1 or 0
+blend                  float32 [V_t]          share of the FVT row mixed in (1 for how = 2)
+scale                  float32 [V_t]          factor applied to the tokalign row (1 for gold/special)
+margin                 float32 [V_t]          best minus runner-up score (NaN: no vector)
+margin_threshold       float32                margin needed to align (inf: nothing trusted)
+best_score             float32 [V_t]          cosine of the best candidate (NaN: no vector)
+best_source            int64 [V_t]            best candidate by the chosen scoring (-1: no vector)
+best_csls              float32 [V_t]          its CSLS score (NaN unless scoring = csls)
+argmax_1to1            int64 [V_t]            published rule: plain-cosine argmax; gold -> itself;
+                                              -1 for tokens without a vector
+gold                   int64 [V_t]            source id with the same canonical form, -1 if none
+gold_score             float32 [V_t]          cosine of a gold pair's relative reps (NaN if n/a)
+fvt_indptr/indices     int64                  FVT pieces (CSR over target ids; gold -> itself)
+pivot_target/source    int64 [P]              the pivot pairs
+has_vector             bool [V_t]             the target token got a fastText vector
+hist_counts/edges      int64/float32          histogram of best_score of non-gold tokens
+source_vocab, target_vocab, threshold, blend_fvt, top_k   scalars
+=====================  =====================  ==================================================
+
+plus ``alignment.csv`` (one line per target token), ``similarity_hist.png`` (also copied into
+the run directory) and ``info.json`` (counts, hub statistics, timings).
+
+Run alone:  python -m tokalign similarity_threshold=0.5 alignment=topk   (the pipeline caches this stage)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokalign import alignment as A
+from tokalign import refs
+
+log = logging.getLogger(__name__)
+
+HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL = 0, 1, 2, 3
+HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special"}
+ROLE_ORDER = ("bos", "eos", "pad", "unk")
+# knobs read with getattr(cfg.alignment, name, default) until AlignmentConfig has them
+DEFAULTS = {"min_precision": 0.5, "seen_scale": 1.0, "unseen_scale": 0.8, "special_match": "role"}
 
 
-def run(cfg, ctx, out):
-    raise NotImplementedError("align")
+class AlignInputError(ValueError):
+    """An input of stage align is missing or malformed; the message names the file or key."""
+
+
+def load_vectors(path: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, vectors, counts) from an ``embed`` npz, checked against the vocabulary size."""
+    if not path.is_file():
+        raise AlignInputError(f"{path}: no such file (expected the fastText vectors written by stage 'embed')")
+    try:
+        z = np.load(path)
+        missing = [k for k in ("ids", "vectors", "counts") if k not in z.files]
+        if not missing:
+            ids, vectors, counts = z["ids"], z["vectors"], z["counts"]
+    except Exception as e:
+        raise AlignInputError(f"{path}: unreadable npz ({type(e).__name__}: {e})") from e
+    if missing:
+        raise AlignInputError(f"{path}: missing key '{missing[0]}' (expected 'ids', 'vectors', 'counts')")
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or vectors.ndim != 2 or vectors.shape[0] != len(ids) or np.shape(counts) != ids.shape:
+        raise AlignInputError(f"{path}: expected 'ids' [n], 'vectors' [n, dim] and 'counts' [n], got "
+                              f"{ids.shape}, {vectors.shape}, {np.shape(counts)}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise AlignInputError(f"{path}: key 'ids' has ids outside [0, {vocab_size}) (vocabulary of {vocab_size})")
+    if len(np.unique(ids)) != len(ids):
+        raise AlignInputError(f"{path}: key 'ids' has duplicate token ids")
+    if not np.isfinite(vectors).all():
+        raise AlignInputError(f"{path}: key 'vectors' has NaN or inf entries")
+    return ids, np.asarray(vectors, dtype=np.float32), np.asarray(counts, dtype=np.int64)
+
+
+def role_map(target_roles: dict, source_roles: dict) -> dict[int, int]:
+    """target id -> source id for special tokens by role (BOS wins, then EOS, PAD, UNK)."""
+    out: dict[int, int] = {}
+    roles_of: dict[int, list[str]] = {}
+    for r in ROLE_ORDER:
+        t = target_roles.get(r)
+        if t is not None:
+            roles_of.setdefault(int(t), []).append(r)
+    for t, roles in roles_of.items():
+        for r in roles:  # already in priority order
+            s = source_roles.get(r)
+            if s is not None:
+                out[t] = int(s)
+                break
+    return out
+
+
+def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_vec: tuple, source_vec: tuple, *,
+                      pivot_count: int, threshold: float, scoring: str = "csls", csls_k: int = 10, top_k: int = 1,
+                      temperature: float = 0.05, block_size: int = 4096, blend_fvt: float = 0.0,
+                      min_precision: float = DEFAULTS["min_precision"], seen_scale: float = DEFAULTS["seen_scale"],
+                      unseen_scale: float = DEFAULTS["unseen_scale"], special_match: str = DEFAULTS["special_match"],
+                      progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The whole alignment as arrays (see the module docstring) plus statistics."""
+    if special_match not in ("role", "name"):
+        raise AlignInputError(f"config key 'alignment.special_match': expected role or name, got {special_match!r}")
+    v_t, v_s = len(target), len(source)
+    t_ids, t_vecs, t_counts = target_vec
+    s_ids, s_vecs, s_counts = source_vec
+    stats: dict[str, Any] = {}
+    timer = time.time()
+
+    gold = A.gold_map(target, source)
+    t_count = np.zeros(v_t, dtype=np.int64)
+    t_count[t_ids] = np.maximum(t_counts, 1)
+    s_count = np.zeros(v_s, dtype=np.int64)
+    s_count[s_ids] = np.maximum(s_counts, 1)
+    t_row = np.full(v_t, -1, dtype=np.int64)
+    t_row[t_ids] = np.arange(len(t_ids))
+    s_row = np.full(v_s, -1, dtype=np.int64)
+    s_row[s_ids] = np.arange(len(s_ids))
+    has_vec = t_row >= 0
+
+    piv_t, piv_s = A.select_pivots(gold, t_count, s_count, pivot_count, exclude_target=target.special)
+    stats["pivots"] = int(len(piv_t))
+    if len(piv_t) < pivot_count:
+        log.warning("align: only %d gold pairs with vectors on both sides (pivot_count=%d)", len(piv_t), pivot_count)
+
+    best_score = np.full(v_t, np.nan, dtype=np.float32)
+    best_csls = np.full(v_t, np.nan, dtype=np.float32)
+    margin = np.full(v_t, np.nan, dtype=np.float32)
+    best_source = np.full(v_t, -1, dtype=np.int64)
+    gold_score = np.full(v_t, np.nan, dtype=np.float32)
+    argmax = np.full(v_t, -1, dtype=np.int64)
+    k = max(1, int(top_k))
+    k_search = max(k, 2)  # the runner-up gives the confidence margin
+    top_src = np.full((v_t, k_search), -1, dtype=np.int64)
+    top_rank = np.full((v_t, k_search), -np.inf, dtype=np.float32)
+    top_cos = np.full((v_t, k_search), -np.inf, dtype=np.float32)
+    margin_min = np.inf
+
+    t_sel = t_ids[~target.special[t_ids]] if len(t_ids) else t_ids
+    s_sel = s_ids[~source.special[s_ids]] if len(s_ids) else s_ids
+    can_align = len(piv_t) >= 2 and len(t_sel) > 0 and len(s_sel) > 0
+    if not can_align:
+        log.warning("align: no similarity alignment (%d pivots, %d target and %d source tokens with vectors); "
+                    "non-gold tokens fall back to FVT", len(piv_t), len(t_sel), len(s_sel))
+    else:
+        fa, fb = A.relative_factors(t_vecs[t_row[t_sel]], s_vecs[s_row[s_sel]], t_vecs[t_row[piv_t]],
+                                    s_vecs[s_row[piv_s]])
+        t0 = time.time()
+        sc = A.score_alignment(fa, fb, scoring=scoring, top_k=k_search, csls_k=csls_k, block_size=block_size,
+                               progress=progress)
+        stats["scoring_seconds"] = round(time.time() - t0, 3)
+        kk = sc.top_idx.shape[1]
+        top_src[t_sel, :kk] = s_sel[sc.top_idx]
+        top_rank[t_sel, :kk] = sc.top_score
+        top_cos[t_sel, :kk] = sc.top_cos
+        best_score[t_sel] = sc.top_cos[:, 0]
+        best_source[t_sel] = s_sel[sc.top_idx[:, 0]]
+        margin[t_sel] = sc.top_score[:, 0] - sc.top_score[:, 1] if kk > 1 else np.inf
+        if scoring == "csls":
+            best_csls[t_sel] = sc.top_score[:, 0]
+        argmax[t_sel] = s_sel[sc.argmax_cos]
+        # gold pairs with vectors on both sides: their own similarity, and whether the search finds them
+        s_pos = np.full(v_s, -1, dtype=np.int64)
+        s_pos[s_sel] = np.arange(len(s_sel))
+        t_pos = np.full(v_t, -1, dtype=np.int64)
+        t_pos[t_sel] = np.arange(len(t_sel))
+        gp = np.nonzero((gold >= 0) & (t_pos >= 0))[0]
+        gp = gp[s_pos[gold[gp]] >= 0]
+        held = np.zeros(0, dtype=np.int64)
+        if len(gp):
+            gold_score[gp] = np.einsum("ij,ij->i", fa[t_pos[gp]], fb[s_pos[gold[gp]]])
+            is_pivot = np.zeros(v_t, dtype=bool)
+            is_pivot[piv_t] = True
+            held = gp[~is_pivot[gp]]
+            if len(held):
+                stats["gold_p1_cos"] = float((argmax[held] == gold[held]).mean())
+                stats[f"gold_p1_{scoring}"] = float((best_source[held] == gold[held]).mean())
+                stats["gold_heldout_pairs"] = int(len(held))
+        # how far the margin must go before the best candidate is right often enough (on held-out gold pairs)
+        margin_min, prec, n_at = A.calibrate_margin(margin[held], best_source[held] == gold[held], min_precision)
+        stats.update(margin_threshold=margin_min, margin_precision=prec, margin_heldout_above=n_at)
+        # hubness over the tokens the alignment decides for (non-gold, with a vector)
+        dec = t_sel[gold[t_sel] < 0]
+        stats["hub_cos"] = A.hub_stats(argmax[dec], len(s_sel))
+        if scoring == "csls":
+            stats["hub_csls"] = A.hub_stats(best_source[dec], len(s_sel))
+
+    argmax_1to1 = argmax.copy()
+    argmax_1to1[gold >= 0] = gold[gold >= 0]
+
+    how = np.full(v_t, HOW_FVT, dtype=np.int8)
+    candidate = has_vec & (gold < 0) & ~target.special & np.isfinite(best_score)
+    passes_sim = candidate & (best_score >= threshold)
+    aligned = passes_sim & (margin >= margin_min)
+    stats["above_threshold"] = int(passes_sim.sum())
+    stats["below_margin"] = int((passes_sim & ~aligned).sum())
+    how[aligned] = HOW_ALIGNED
+    how[gold >= 0] = HOW_GOLD
+    roles = role_map(target.roles, source.roles)
+    if special_match == "name":  # a role token with a same-named source special keeps the name match
+        roles = {t: s for t, s in roles.items() if not (0 <= t < v_t and gold[t] >= 0)}
+    roles = {t: s for t, s in roles.items() if 0 <= t < v_t and 0 <= s < v_s}
+    for t in roles:
+        how[t] = HOW_SPECIAL
+
+    src = np.full((v_t, k), -1, dtype=np.int64)
+    weight = np.zeros((v_t, k), dtype=np.float32)
+    blend = np.zeros(v_t, dtype=np.float32)
+    g = how == HOW_GOLD
+    src[g, 0] = gold[g]
+    weight[g, 0] = 1.0
+    for t, s in roles.items():
+        src[t, :] = -1
+        weight[t, :] = 0.0
+        src[t, 0] = s
+        weight[t, 0] = 1.0
+    al = how == HOW_ALIGNED
+    if al.any():
+        keep = top_cos[al, :k] >= threshold
+        keep[:, 0] = True
+        w = A.topk_weights(top_rank[al, :k], temperature, keep)
+        src[al] = np.where(w > 0, top_src[al, :k], -1)
+        weight[al] = w
+        blend[al] = blend_fvt
+    blend[how == HOW_FVT] = 1.0
+    # new rows (neither gold nor special) are shrunk: they compete with the copied rows in the softmax
+    scale = np.ones(v_t, dtype=np.float32)
+    new = (how == HOW_ALIGNED) | (how == HOW_FVT)
+    scale[new & has_vec] = seen_scale
+    scale[new & ~has_vec] = unseen_scale
+
+    fvt = A.fvt_decompose(target, source, source_tok, gold)
+    stats["fvt_seconds"] = round(fvt.seconds, 3)
+    stats["fvt_empty"] = fvt.n_empty
+    stats["fvt_inexact"] = fvt.n_inexact
+    stats["fvt_pieces_mean"] = float(np.diff(fvt.indptr)[gold < 0].mean()) if (gold < 0).any() else 0.0
+
+    counts, edges = np.histogram(best_score[candidate], bins=40, range=(-1.0, 1.0))
+    for name, code in (("exact", HOW_GOLD), ("aligned", HOW_ALIGNED), ("fallback", HOW_FVT), ("special", HOW_SPECIAL)):
+        stats[f"{name}_count"] = int((how == code).sum())
+    stats["target_with_vector"] = int(has_vec.sum())
+    stats["source_with_vector"] = int(len(s_ids))
+    stats["unseen_non_gold"] = int(((gold < 0) & ~has_vec).sum())
+    stats["max_hub_size"] = int(A.hub_stats(src[al, 0], v_s)["max_hub_size"]) if al.any() else 0
+    stats["seconds"] = round(time.time() - timer, 3)
+
+    arrays = {
+        "how": how, "src": src, "weight": weight, "blend": blend, "scale": scale, "best_score": best_score,
+        "best_source": best_source, "best_csls": best_csls, "margin": margin, "argmax_1to1": argmax_1to1,
+        "gold": gold, "gold_score": gold_score, "fvt_indptr": fvt.indptr, "fvt_indices": fvt.indices,
+        "pivot_target": piv_t.astype(np.int64), "pivot_source": piv_s.astype(np.int64), "has_vector": has_vec,
+        "hist_counts": counts.astype(np.int64), "hist_edges": edges.astype(np.float32),
+        "source_vocab": np.int64(v_s), "target_vocab": np.int64(v_t), "threshold": np.float32(threshold),
+        "margin_threshold": np.float32(margin_min), "blend_fvt": np.float32(blend_fvt), "top_k": np.int64(k),
+    }
+    return arrays, stats
+
+
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x00": "\\0"})
+
+
+def _visible(text: str) -> str:
+    """One-line form of a token's text for the CSV (newline, CR, tab, NUL escaped)."""
+    return text.translate(_ESCAPES)
+
+
+def write_csv(path: Path, arrays: dict, target: A.Vocab, source: A.Vocab) -> None:
+    how, src, best, score = arrays["how"], arrays["src"], arrays["best_source"], arrays["best_score"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["target_id", "target_token", "target_text", "how", "source_id", "source_token", "score"])
+        for i in range(len(how)):
+            sid = int(src[i, 0]) if how[i] != HOW_FVT else int(best[i])
+            stok = source.tokens[sid] if 0 <= sid < len(source) else ""
+            sc = "" if not np.isfinite(score[i]) else f"{score[i]:.4f}"
+            text = target.canon[i] if target.special[i] else A.canon_text(target.canon[i])
+            w.writerow([i, target.tokens[i], _visible(text), HOW_NAMES[int(how[i])], sid, stok, sc])
+
+
+def plot_hist(path: Path, arrays: dict, threshold: float, scoring: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    edges = arrays["hist_edges"]
+    ax.stairs(arrays["hist_counts"], edges, fill=True, alpha=0.6, label="non-gold tokens: best candidate")
+    gs = arrays["gold_score"]
+    gs = gs[np.isfinite(gs)]
+    if len(gs):
+        gc, _ = np.histogram(gs, bins=edges)
+        ax.stairs(gc, edges, label="gold pairs (for reference)", color="#d65f5f", lw=1.5)
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel(f"cosine of relative representations (candidate chosen by {scoring})")
+    ax.set_ylabel("target tokens")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: inf/NaN floats become null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _need(ctx: Any, name: str) -> Path:
+    p = ctx.path(name)
+    if p is None:
+        raise AlignInputError(f"stage align needs the output of stage '{name}', which did not run")
+    return Path(p)
+
+
+def run(cfg: Any, ctx: Any, out: Path) -> dict:
+    t_start = time.time()
+    tok_dir, emb_dir, src_dir = _need(ctx, "tokenize"), _need(ctx, "embed"), _need(ctx, "source")
+    source_tok = refs.load_tokenizer(str(src_dir / "model"))
+    target_tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
+    info_path = tok_dir / "info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        for side, tok in (("source", source_tok), ("target", target_tok)):
+            want = info.get(f"{side}_vocab")
+            if isinstance(want, int) and want != len(tok):
+                raise AlignInputError(f"{info_path}: key '{side}_vocab' is {want} but the {side} tokenizer has "
+                                      f"{len(tok)} tokens (expected the tokenizer the corpus was encoded with)")
+    source = A.vocab_from_tokenizer(source_tok)
+    target = A.vocab_from_tokenizer(target_tok)
+    log.info("align: source %d tokens (%s), target %d tokens (%s)", len(source), source.style, len(target),
+             target.style)
+    t_vec = load_vectors(emb_dir / "target.npz", len(target))
+    s_vec = load_vectors(emb_dir / "source.npz", len(source))
+    if t_vec[1].shape[1] != s_vec[1].shape[1]:
+        log.info("align: target vectors have %d dims, source %d (fine: only cosines to pivots are compared)",
+                 t_vec[1].shape[1], s_vec[1].shape[1])
+    ac = cfg.alignment
+    extra = {k: getattr(ac, k, v) for k, v in DEFAULTS.items()}
+    arrays, stats = compute_alignment(
+        target, source, source_tok, t_vec, s_vec, pivot_count=cfg.pivot_count, threshold=cfg.similarity_threshold,
+        scoring=ac.scoring, csls_k=ac.csls_k, top_k=ac.top_k, temperature=ac.temperature, block_size=ac.block_size,
+        blend_fvt=ac.blend_fvt, **extra)
+
+    np.savez(out / "alignment.npz", **arrays)
+    write_csv(out / "alignment.csv", arrays, target, source)
+    hist = out / "similarity_hist.png"
+    plot_hist(hist, arrays, cfg.similarity_threshold, ac.scoring)
+    run_dir = Path(ctx.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(hist, run_dir / "similarity_hist.png")
+
+    v_t = len(target)
+    seconds = round(time.time() - t_start, 3)
+    metrics: dict[str, Any] = {
+        "align/exact_share": stats["exact_count"] / v_t,
+        "align/aligned_share": stats["aligned_count"] / v_t,
+        "align/fallback_share": stats["fallback_count"] / v_t,
+        "align/special_share": stats["special_count"] / v_t,
+        "align/pivots": stats["pivots"],
+        "align/seconds": seconds,
+        "align/max_hub_size": stats["max_hub_size"],
+        "align/target_with_vector": stats["target_with_vector"],
+        "align/fvt_empty": stats["fvt_empty"],
+        "align/above_threshold": stats["above_threshold"],
+    }
+    if np.isfinite(stats.get("margin_threshold", np.nan)):
+        metrics["align/margin_threshold"] = stats["margin_threshold"]
+    for key in ("gold_p1_cos", "gold_p1_csls"):
+        if key in stats:
+            metrics[f"align/{key}"] = stats[key]
+    for name in ("cos", "csls"):
+        h = stats.get(f"hub_{name}")
+        if h:
+            metrics[f"align/hub_{name}_max"] = h["max_hub_size"]
+            metrics[f"align/hub_{name}_top1pct_share"] = h["top1pct_share"]
+    summary = {**stats, "seconds": seconds, "threshold": cfg.similarity_threshold, "scoring": ac.scoring,
+               "top_k": ac.top_k, "csls_k": ac.csls_k, "temperature": ac.temperature, "blend_fvt": ac.blend_fvt,
+               "pivot_count": cfg.pivot_count, "source_style": source.style, "target_style": target.style, **extra,
+               "sim_hist": {"counts": arrays["hist_counts"].tolist(), "edges": arrays["hist_edges"].tolist()}}
+    (out / "info.json").write_text(json.dumps(_finite(summary), indent=1))
+
+    tr = ctx.tracker
+    tr.image("align/similarity_hist", hist)
+    tr.artifact("alignment", "alignment", [out / "alignment.npz", hist, out / "info.json"])
+    rng = np.random.default_rng(cfg.seed)
+    shown = np.nonzero(arrays["how"] == HOW_ALIGNED)[0]
+    if len(shown):
+        shown = np.sort(rng.choice(shown, size=min(100, len(shown)), replace=False))
+        rows = [[int(i), A.canon_text(target.canon[i]), int(arrays["src"][i, 0]),
+                 A.canon_text(source.canon[int(arrays["src"][i, 0])]), float(arrays["best_score"][i])] for i in shown]
+        tr.table("align/examples", ["target_id", "target", "source_id", "source", "score"], rows)
+    log.info("align: %d gold, %d aligned, %d FVT, %d special of %d target tokens; %d pivots; %.1fs",
+             stats["exact_count"], stats["aligned_count"], stats["fallback_count"], stats["special_count"], v_t,
+             stats["pivots"], seconds)
+    return metrics

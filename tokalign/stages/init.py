@@ -1,5 +1,246 @@
-"""Stage `init` (being written)."""
+"""Stage ``init``: embedding rows of the source model for the whole target vocabulary, one set per
+method in ``init_methods``, and the initialised model of the primary method.
+
+Methods (``S`` = source input embedding; for an untied model the output head ``H`` gets the same
+treatment from the source head's rows; a tied model stays tied):
+
+* ``random``: N(0, std(S)^2) for every row (``H``: std(H)), seeded by ``seed``. Pure random, the
+  special tokens included: it is the floor every other method must beat.
+* ``mean``: every row is the mean source row.
+* ``fvt``: Fast Vocabulary Transfer: the mean of the source rows of the token's pieces under the
+  source tokenizer (gold tokens are their own single piece); tokens without a piece get the mean.
+* ``tokalign_1to1``: the published TokAlign rule: gold matches copy their row, every other token
+  with a vector takes the row of its plain-cosine argmax, tokens never seen take a random
+  (seeded) non-special source row.
+* ``tokalign``: ours, from ``align/alignment.npz``: special tokens by role, gold copies, confident
+  alignments (``src``/``weight`` rows, blended with FVT by ``blend``) and FVT for the rest.
+  With a target tokenizer identical to the source one it is a bit-for-bit copy.
+
+The vocabulary is ``len(target tokenizer)`` rows, not padded to a multiple of 64.
+
+Writes ``model/`` (the primary method: ``tokalign`` when listed, else the first; safetensors, the
+target tokenizer, ``vocab_size`` and BOS/EOS/PAD/UNK ids from the target tokenizer),
+``rows/<method>.safetensors`` (``embed`` [V_t, hidden], plus ``lm_head`` only when untied) and
+``info.json`` {"primary", "methods", "tied", "vocab_size", "hidden_size", "counts": {...}}.
+
+Run alone:  python -m tokalign init_methods=[fvt,tokalign]   (the pipeline caches this stage)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from tokalign import alignment as A
+from tokalign import refs
+
+log = logging.getLogger(__name__)
+
+ALIGN_KEYS = ("how", "src", "weight", "blend", "argmax_1to1", "fvt_indptr", "fvt_indices", "source_vocab")
+OPTIONAL_KEYS = ("scale",)  # per-row factor of the tokalign rows (1 where absent)
 
 
-def run(cfg, ctx, out):
-    raise NotImplementedError("init")
+class InitInputError(ValueError):
+    """An input of stage init is missing or malformed; the message names the file or key."""
+
+
+def load_alignment(path: Path, target_vocab: int) -> dict[str, np.ndarray]:
+    """The arrays of ``alignment.npz`` that init uses, checked against the target vocabulary size."""
+    if not path.is_file():
+        raise InitInputError(f"{path}: no such file (expected the output of stage 'align')")
+    try:
+        z = np.load(path)
+        missing = [k for k in ALIGN_KEYS if k not in z.files]
+        arrays = {k: z[k] for k in ALIGN_KEYS + OPTIONAL_KEYS if k in z.files}
+    except Exception as e:
+        raise InitInputError(f"{path}: unreadable npz ({type(e).__name__}: {e})") from e
+    if missing:
+        raise InitInputError(f"{path}: missing key '{missing[0]}' (expected {', '.join(ALIGN_KEYS)})")
+    n = arrays["how"].shape[0]
+    if n != target_vocab:
+        raise InitInputError(f"{path}: key 'how' has {n} rows but the target tokenizer has {target_vocab} tokens")
+    if arrays["src"].shape != arrays["weight"].shape or arrays["src"].shape[0] != n:
+        raise InitInputError(f"{path}: keys 'src' {arrays['src'].shape} and 'weight' {arrays['weight'].shape} must "
+                             f"both be [{n}, K]")
+    if "scale" in arrays and arrays["scale"].shape != (n,):
+        raise InitInputError(f"{path}: key 'scale' has shape {arrays['scale'].shape}, expected ({n},)")
+    if arrays["fvt_indptr"].shape != (n + 1,) or arrays["fvt_indptr"][-1] != len(arrays["fvt_indices"]):
+        raise InitInputError(f"{path}: keys 'fvt_indptr'/'fvt_indices' are not a CSR over {n} target tokens")
+    return arrays
+
+
+def source_special_mask(source_vocab: int, roles: dict, special_ids: Optional[list] = None) -> np.ndarray:
+    mask = np.zeros(source_vocab, dtype=bool)
+    for i in list(roles.values()) + list(special_ids or []):
+        if i is not None and 0 <= int(i) < source_vocab:
+            mask[int(i)] = True
+    return mask
+
+
+def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, seed: int, salt: int = 0,
+               source_special: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows [V_t, hidden] float32 of one method from one source matrix (input embedding or head).
+
+    ``matrix`` may have more rows than the source vocabulary (a padded embedding); only the first
+    ``source_vocab`` rows are used for means and random picks. ``salt`` separates the random streams
+    of the input embedding (0) and the output head (1).
+    """
+    n_t = al["how"].shape[0]
+    v_s = int(al["source_vocab"])
+    base = np.asarray(matrix[:v_s], dtype=np.float32)
+    info: dict[str, int] = {}
+    if method == "random":
+        rng = np.random.default_rng([seed, 0, salt])
+        rows = rng.standard_normal((n_t, base.shape[1]), dtype=np.float32) * np.float32(base.std())
+        return rows, info
+    mean_row = base.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if method == "mean":
+        return np.broadcast_to(mean_row, (n_t, base.shape[1])).copy(), info
+    fvt, n_empty = A.fvt_rows(base, al["fvt_indptr"], al["fvt_indices"], fill=mean_row)
+    info["fvt_empty"] = n_empty
+    if method == "fvt":
+        return fvt, info
+    if method == "tokalign_1to1":
+        choice = np.asarray(al["argmax_1to1"], dtype=np.int64).copy()
+        unseen = choice < 0
+        pool = np.arange(v_s) if source_special is None else np.nonzero(~source_special[:v_s])[0]
+        rng = np.random.default_rng([seed, 1])  # the same picks for the embedding and the head
+        choice[unseen] = rng.choice(pool, size=int(unseen.sum()))
+        info["random_rows"] = int(unseen.sum())
+        return base[choice].copy(), info
+    if method == "tokalign":
+        rows = A.compose_rows(base, al["src"], al["weight"], al["blend"], fvt)
+        scale = al.get("scale")
+        if scale is not None:
+            shrink = scale != 1.0
+            rows[shrink] *= scale[shrink, None].astype(np.float32)
+            info["scaled_rows"] = int(shrink.sum())
+        return rows, info
+    raise InitInputError(f"config key 'init_methods': unknown method {method!r}")
+
+
+def _need(ctx: Any, name: str) -> Path:
+    p = ctx.path(name)
+    if p is None:
+        raise InitInputError(f"stage init needs the output of stage '{name}', which did not run")
+    return Path(p)
+
+
+def _is_tied(model: Any) -> bool:
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is None:
+        return True
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        return True
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def build_model(model: Any, tok: Any, embed_rows: np.ndarray, head_rows: Optional[np.ndarray]) -> Any:
+    """Resize ``model`` to the target vocabulary in place, set the rows and the special-token ids."""
+    import torch
+
+    tied = _is_tied(model)
+    n_t, hidden = embed_rows.shape
+    model.resize_token_embeddings(n_t, mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.copy_(torch.from_numpy(embed_rows).to(emb.dtype))
+        head = model.get_output_embeddings()
+        if not tied:
+            if head_rows is None:
+                raise InitInputError("untied source model: output-head rows are required")
+            head.weight.copy_(torch.from_numpy(head_rows).to(head.weight.dtype))
+        elif head is not None and head.weight.data_ptr() != emb.data_ptr():
+            model.tie_weights()
+    cfg = model.config
+    cfg.vocab_size = n_t
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text_cfg is not cfg:
+        text_cfg.vocab_size = n_t
+    for r in ("bos", "eos", "pad", "unk"):
+        setattr(cfg, f"{r}_token_id", getattr(tok, f"{r}_token_id", None))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        for r in ("bos", "eos", "pad"):
+            setattr(gen, f"{r}_token_id", getattr(tok, f"{r}_token_id", None))
+    return model
+
+
+def verify_saved(path: Path, embed_rows: np.ndarray) -> None:
+    """The saved folder loads with the Auto classes and holds the rows we set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    w = m.get_input_embeddings().weight.detach().numpy()
+    if w.shape != embed_rows.shape or len(tok) != embed_rows.shape[0]:
+        raise InitInputError(f"{path}: saved model has embedding {tuple(w.shape)} and tokenizer of {len(tok)}, "
+                             f"expected {embed_rows.shape}")
+    probe = np.linspace(0, embed_rows.shape[0] - 1, num=min(64, embed_rows.shape[0])).astype(np.int64)
+    if not np.array_equal(w[probe], embed_rows[probe]):
+        raise InitInputError(f"{path}: saved embedding rows differ from the rows that were set")
+
+
+def run(cfg: Any, ctx: Any, out: Path) -> dict:
+    from safetensors.numpy import save_file
+
+    t0 = time.time()
+    src_dir, align_dir, tok_dir = _need(ctx, "source"), _need(ctx, "align"), _need(ctx, "tokenize")
+    methods = list(dict.fromkeys(cfg.init_methods))
+    if not methods:
+        raise InitInputError("config key 'init_methods': expected a non-empty list")
+    primary = "tokalign" if "tokalign" in methods else methods[0]
+    tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
+    src_tok = refs.load_tokenizer(str(src_dir / "model"))
+    al = load_alignment(align_dir / "alignment.npz", len(tok))
+    model = refs.load_model(str(src_dir / "model"), dtype="float32")
+    tied = _is_tied(model)
+    emb = model.get_input_embeddings().weight.detach().cpu().numpy()
+    head = None if tied else model.get_output_embeddings().weight.detach().cpu().numpy()
+    v_s = int(al["source_vocab"])
+    if emb.shape[0] < v_s:
+        raise InitInputError(f"{align_dir / 'alignment.npz'}: key 'source_vocab' is {v_s} but the source model "
+                             f"has only {emb.shape[0]} embedding rows")
+    special = source_special_mask(v_s, refs.special_token_roles(src_tok), getattr(src_tok, "all_special_ids", []))
+
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict] = {}
+    primary_rows: tuple[np.ndarray, Optional[np.ndarray]] = (np.empty(0), None)
+    for m in methods:
+        e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special)
+        tensors = {"embed": np.ascontiguousarray(e_rows)}
+        h_rows = None
+        if not tied:
+            h_rows, _ = build_rows(m, head, al, seed=cfg.seed, salt=1, source_special=special)
+            tensors["lm_head"] = np.ascontiguousarray(h_rows)
+        save_file(tensors, str(out / "rows" / f"{m}.safetensors"))
+        counts[m] = info
+        if m == primary:
+            primary_rows = (e_rows, h_rows)
+        log.info("init: rows for %s written", m)
+    model = build_model(model, tok, primary_rows[0], primary_rows[1])
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tok.save_pretrained(out / "model")
+    verify_saved(out / "model", primary_rows[0])
+
+    how = al["how"]
+    info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
+            "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
+            "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special"))}}
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    seconds = round(time.time() - t0, 3)
+    metrics: dict[str, Any] = {"init/seconds": seconds, "init/vocab_size": int(len(tok)), "init/tied": int(tied)}
+    if "fvt_empty" in counts.get("fvt", {}):
+        metrics["init/fvt_empty"] = counts["fvt"]["fvt_empty"]
+    if "random_rows" in counts.get("tokalign_1to1", {}):
+        metrics["init/tokalign_1to1_random_rows"] = counts["tokalign_1to1"]["random_rows"]
+    # how far the primary rows are from plain FVT: the share of rows that the alignment changed
+    ctx.tracker.summary({"init/primary": primary})
+    log.info("init: %s (%d rows, tied=%s) in %.1fs", ", ".join(methods), len(tok), tied, seconds)
+    return metrics
