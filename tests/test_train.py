@@ -129,7 +129,7 @@ def crash_after(step: int):
 def test_stage1_changes_only_embeddings_and_head(tmp_path, tied):
     ctx = make_workspace(tmp_path, tied=tied)
     out = tmp_path / "s1"
-    metrics = train.run_stage1(make_cfg(), ctx, out)
+    metrics = train.run_stage1(make_cfg(train={"eval_steps": 4}), ctx, out)
 
     before = load_sd(tmp_path / "init" / "model")
     after = load_sd(out / "model")
@@ -405,7 +405,7 @@ def test_stage1_on_real_smollm2_lowers_the_loss(tmp_path, assets):
     (corpus / "eval.jsonl").write_text(json.dumps({"id": "e", "text": " ".join(records[6]["CONTEXTS"])}) + "\n")
     ctx = Context(run_dir=tmp_path, outputs={"init": init.parent, "tokenize": tokd, "corpus": corpus})
     cfg = make_cfg(steps_stage1=6, lr_stage1=3e-4, train={"seq_len": 64, "micro_batch_size": 4, "grad_accum": 1,
-                                                          "save_steps": 100},
+                                                          "save_steps": 100, "eval_steps": 6},
                    eval=EvalConfig(max_eval_samples=1, seq_len=256, stride=128),
                    lr_schedule=LRScheduleConfig(name="constant", warmup_ratio=0.0))
     metrics = train.run_stage1(cfg, ctx, tmp_path / "s1")

@@ -130,7 +130,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     save_steps: int = 20  # checkpoint every N optimizer steps
-    eval_steps: int = 0  # bits per byte on the eval texts every N steps (0 = only at stage end)
+    eval_steps: int = 0  # bits per byte on a few eval texts every N steps and at the end (0 = none; the evaluate stage scores every stage)
     logging_steps: int = 1  # log loss, lr, grad norm every N steps
     gradient_checkpointing: bool = False  # trade compute for activation memory
     compile: bool = False  # torch.compile the model

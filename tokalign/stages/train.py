@@ -277,7 +277,8 @@ def _make_trainer_classes():
                 self.run_eval(state, model)
 
         def on_train_end(self, args, state, control, model=None, **kw):
-            self.run_eval(state, model)
+            if self.eval_steps > 0 and state.global_step % self.eval_steps != 0:
+                self.run_eval(state, model)  # the final point of the in-training curve
 
     return OrderedTrainer, StageCallback
 
