@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tokalign.__main__ import CONF_DIR, compose_cli
-from tokalign.config import Config, ConfigError, EmbedConfig, TrainConfig, to_config
+from tokalign.config import Config, ConfigError, EmbedConfig, TrainConfig
 
 GROUPS = ["mode", "hardware", "alignment", "lr_schedule"]
 

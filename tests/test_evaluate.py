@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokalign import metrics as M
 from tokalign.config import Config, EvalConfig
 from tokalign.stages import evaluate as E
+from tokalign.pipeline import Context
 from tokalign.tracking import NullTracker
+from test_metrics import byte_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -29,16 +28,6 @@ DOCS = [
     "Background: hypertension is common. Methods: we enrolled 120 adults. Results: blood pressure fell.",
     "This document is beyond max_eval_samples and must not be scored.",
 ]
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def tiny_llama(seed: int, tied: bool = True, vocab: int = 300) -> LlamaForCausalLM:
@@ -68,15 +57,8 @@ class RecordingTracker(NullTracker):
         self.images[name] = Path(path)
 
 
-@dataclass
-class StubContext:
-    run_dir: Path
-    tracker: Any = field(default_factory=RecordingTracker)
-    outputs: dict[str, Path] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def path(self, stage: str) -> Optional[Path]:
-        return self.outputs.get(stage)
+def StubContext(run_dir: Path, outputs: dict, metrics: Optional[dict] = None) -> Context:
+    return Context(run_dir=run_dir, tracker=RecordingTracker(), outputs=outputs, metrics=dict(metrics or {}))
 
 
 def make_cfg(**eval_kw) -> Config:

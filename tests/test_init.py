@@ -15,13 +15,7 @@ from tokalign.config import AlignmentConfig, Config
 from tokalign.pipeline import Context
 from tokalign.stages import align, init
 
-CORPUS = [
-    "The patients with hypertension were treated with beta blockers.",
-    "Blood pressure was measured twice daily in all patients.",
-    "Results: the treatment reduced the mean arterial pressure significantly.",
-    "Café naïve coöperation — résumé: 血压 and 高血压 in Chinese.",
-    "Methods\n\tWe enrolled 120 subjects; 60 received placebo.",
-] * 4
+from test_alignment import CORPUS  # noqa: E402
 EXTRA = ["hypertension hypertension pressure measured significantly treated patients"] * 3
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 from tokalign.tracking import NullTracker, WandbTracker, make_tracker, scrub

@@ -1,0 +1,99 @@
+"""End to end on the real assets (SmolLM2-135M GGUF, GGUF tokenizers, PubMedQA), with small budgets.
+
+All tests here share one cache (session scope), so the source model is converted and the corpus
+tokenized once; each test still runs the real `python -m tokalign` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, need_assets
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "corpus_bytes=300000", "eval.max_eval_samples=6", "eval.seq_len=256", "eval.stride=128",
+    "eval.pubmedqa_samples=3", "embed.epoch=3", "pivot_count=200", "steps_stage1=0", "steps_stage2=0",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    need_assets()
+    return tmp_path_factory.mktemp("cache")
+
+
+def tokalign(*args: str, cache: Path, run_dir: Path, env: dict | None = None, timeout: int = 1500,
+             multirun: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tokalign", *(["-m"] if multirun else []), f"cache_dir={cache}", *args]
+    cmd.append(f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}")
+    e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    e.pop("WANDB_API_KEY", None)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
+    return r
+
+
+def test_pipeline_on_real_assets_beats_random_and_mean(shared_cache, tmp_path):
+    tokalign(*SMALL, "wandb.mode=offline", cache=shared_cache, run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    m = summary["metrics"]
+    for k in ("bpb/source", "bpb/init/random", "bpb/init/mean", "bpb/init/fvt", "bpb/init/tokalign_1to1",
+              "bpb/init/tokalign", "align/exact_share", "align/aligned_share", "align/fallback_share"):
+        assert isinstance(m.get(k), float), k
+    assert m["bpb/init/tokalign"] < m["bpb/init/random"]
+    assert m["bpb/init/tokalign"] < m["bpb/init/mean"]
+    assert abs(m["align/exact_share"] + m["align/aligned_share"] + m["align/fallback_share"]
+               + m.get("align/special_share", 0.0) - 1.0) < 1e-6
+    for name, rec in summary["stages"].items():
+        assert rec["status"] in ("computed", "cached", "skipped"), (name, rec)
+        assert "seconds" in rec
+    for f in ("bpb_by_method.png", "similarity_hist.png"):
+        assert (tmp_path / f).is_file(), f
+    model_dir = tmp_path / "stages" / "init" / "model"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok) == 151936
+    assert any((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_identical_tokenizer_reproduces_source_bpb(shared_cache, tmp_path):
+    src = str(need_assets() / "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokalign(*SMALL, f"target_tokenizer={src}", "init_methods=[tokalign]", "wandb.mode=disabled",
+             cache=shared_cache, run_dir=tmp_path)
+    m = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert abs(m["bpb/init/tokalign"] - m["bpb/source"]) < 1e-3
+    assert m["align/exact_share"] + m.get("align/special_share", 0.0) > 0.999
+
+
+def test_sweep_shares_cache_and_groups_wandb_runs(shared_cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    tokalign(*SMALL, "init_methods=[mean,tokalign]", "steps_stage1=2", "train.seq_len=64", "train.micro_batch_size=2",
+             "train.save_steps=1", "eval.max_eval_samples=2", "eval.pubmedqa_samples=0", "lr_stage1=1e-4,2e-4",
+             "wandb.mode=offline", cache=shared_cache, run_dir=sweep, multirun=True)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 2
+    s0, s1 = (json.loads((j / "summary.json").read_text()) for j in jobs)
+    for stage in ("corpus", "source", "tokenize", "embed", "align", "init"):
+        assert s1["stages"][stage]["status"] == "cached", stage
+    assert s0["stages"]["train_stage1"]["status"] == s1["stages"]["train_stage1"]["status"] == "computed"
+    assert s0["stages"]["train_stage1"]["key"] != s1["stages"]["train_stage1"]["key"]
+    runs = [r for j in jobs for r in (j / "wandb").glob("offline-run-*")]
+    assert len(runs) == 2
+    for r in runs:
+        blob = b"".join(p.read_bytes() for p in r.rglob("*.wandb"))
+        assert str(sweep).encode() in blob  # the group is the sweep directory
+    r = subprocess.run([sys.executable, "-m", "tokalign.compare", str(sweep)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "lr_stage1=1e-4" in r.stdout and "lr_stage1=2e-4" in r.stdout
+    assert (sweep / "compare.csv").is_file() and (sweep / "compare.png").is_file()
