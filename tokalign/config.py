@@ -63,6 +63,10 @@ class AlignmentConfig:
     temperature: float = 0.05  # softmax temperature over the top-k scores when top_k > 1
     block_size: int = 4096  # target rows scored per block (bounds peak memory)
     blend_fvt: float = 0.0  # weight of the piece composition mixed into aligned rows (0 = none)
+    min_precision: float = 0.5  # align a token only above the margin at which held-out gold pairs are found this often (0 = off)
+    seen_scale: float = 1.0  # scale of new (non-gold) rows for tokens the corpus produced
+    unseen_scale: float = 0.8  # scale of new rows for tokens the corpus never produced (tied heads: less stolen mass)
+    special_match: str = "role"  # special tokens matched by role (bos->bos, eos->eos...) or by name
 
     def __post_init__(self) -> None:
         _check(self.scoring in SCORINGS, "alignment.scoring", f"one of {SCORINGS}", self.scoring)
@@ -71,6 +75,10 @@ class AlignmentConfig:
         _check(self.temperature > 0, "alignment.temperature", "> 0", self.temperature)
         _check(self.block_size >= 1, "alignment.block_size", ">= 1", self.block_size)
         _check(0.0 <= self.blend_fvt <= 1.0, "alignment.blend_fvt", "in [0, 1]", self.blend_fvt)
+        _check(0.0 <= self.min_precision <= 1.0, "alignment.min_precision", "in [0, 1]", self.min_precision)
+        _check(self.seen_scale > 0 and self.unseen_scale > 0, "alignment.seen_scale/unseen_scale", "> 0",
+               (self.seen_scale, self.unseen_scale))
+        _check(self.special_match in ("role", "name"), "alignment.special_match", "role or name", self.special_match)
 
 
 @dataclass

@@ -28,7 +28,7 @@ embeddings every new row is also an output row competing with the copied ones in
 and shrinking the ~110k rows of tokens the domain never uses takes that probability back.
 ``alignment.special_match=name`` lets a role token with a same-named source special (Qwen2's
 ``<|endoftext|>`` and SmolLM2's) keep the name match instead of the role rule.
-Until ``AlignmentConfig`` has these keys they are read with ``getattr`` (defaults in ``DEFAULTS``).
+Config keys: ``alignment.min_precision``, ``seen_scale``, ``unseen_scale``, ``special_match`` (``tokalign/config.py``).
 
 Writes ``alignment.npz``:
 
