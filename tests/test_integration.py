@@ -95,5 +95,5 @@ def test_sweep_shares_cache_and_groups_wandb_runs(shared_cache, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tokalign.compare", str(sweep)], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "lr_stage1=1e-4" in r.stdout and "lr_stage1=2e-4" in r.stdout
+    assert "lr_stage1=0.0001" in r.stdout and "lr_stage1=0.0002" in r.stdout
     assert (sweep / "compare.csv").is_file() and (sweep / "compare.png").is_file()

@@ -44,6 +44,10 @@ def collect(sweep_dir: Path) -> list[dict]:
             row[f"s/{name}"] = rec.get("seconds")
             row[f"status/{name}"] = rec.get("status")
         rows.append(row)
+    if len(rows) > 1:  # show what varies between the jobs, not the overrides they share
+        common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+        for r in rows:
+            r["overrides"] = " ".join(t for t in r["overrides"].split() if t not in common) or "(shared overrides only)"
     return rows
 
 
