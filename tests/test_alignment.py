@@ -19,8 +19,8 @@ CORPUS = [
 ] * 4
 
 
-def bytelevel_tokenizer(vocab_size: int, texts=CORPUS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
-    """A small GPT-style byte-level BPE (every byte has a token), wrapped as a fast HF tokenizer."""
+def make_tokenizer(vocab_size, texts, specials, roles):
+    """A small GPT-style byte-level BPE (every byte has a token), wrapped as a fast HF tokenizer with these roles."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,8 +30,12 @@ def bytelevel_tokenizer(vocab_size: int, texts=CORPUS, specials=("<|endoftext|>"
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[1], eos_token=specials[2],
-                                   unk_token=specials[0], pad_token=specials[2])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})
+
+
+def bytelevel_tokenizer(vocab_size: int, texts=CORPUS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
+    return make_tokenizer(vocab_size, texts, specials,
+                          {"bos": specials[1], "eos": specials[2], "unk": specials[0], "pad": specials[2]})
 
 
 def spm_tokenizer():

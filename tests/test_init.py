@@ -15,21 +15,8 @@ from tokalign.config import AlignmentConfig, Config
 from tokalign.pipeline import Context
 from tokalign.stages import align, init
 
-from test_alignment import CORPUS  # noqa: E402
+from test_alignment import CORPUS, make_tokenizer  # noqa: E402
 EXTRA = ["hypertension hypertension pressure measured significantly treated patients"] * 3
-
-
-def make_tokenizer(vocab_size, texts, specials, roles):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})
 
 
 def source_tokenizer():
