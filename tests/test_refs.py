@@ -56,3 +56,22 @@ def test_safetensors_folder_loads(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = refs.load_model(str(tmp_path))
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_retry_backs_off_then_succeeds_or_reraises(monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    assert refs.retry(flaky, "hub") == "ok" and len(calls) == 3
+    with pytest.raises(TimeoutError):
+        refs.retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "hub", attempts=2)
+    with pytest.raises(ValueError):  # not transient: no retry
+        refs.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), "hub")

@@ -20,6 +20,21 @@ class RefError(ValueError):
     """A model or tokenizer reference cannot be loaded; the message names it."""
 
 
+def retry(fn, what: str, attempts: int = 4, base_delay: float = 2.0, errors=(ConnectionError, TimeoutError, OSError)):
+    """Call ``fn``; retry transient network/file-system errors with exponential backoff, then re-raise."""
+    import time
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except errors as e:
+            if i == attempts - 1:
+                raise
+            delay = base_delay * 2**i
+            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, e, delay, i + 1, attempts - 1)
+            time.sleep(delay)
+
+
 def _is_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(ref)) or ref.endswith(".gguf")
 
@@ -96,7 +111,8 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False):
             if p.is_file():
                 raise RefError(f"{ref}: a tokenizer file must be .gguf; otherwise pass its folder")
             return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        return retry(lambda: AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code),
+                     f"tokenizer '{ref}'")
     except RefError:
         raise
     except Exception as e:
@@ -133,7 +149,8 @@ def load_model(ref: str, *, dtype: str = "float32", allow_pickle: bool = False, 
                 model = AutoModelForCausalLM.from_pretrained(str(p), use_safetensors=not allow_pickle or has_st,
                                                              **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=None if allow_pickle else True, **kwargs)
+            model = retry(lambda: AutoModelForCausalLM.from_pretrained(
+                ref, use_safetensors=None if allow_pickle else True, **kwargs), f"model '{ref}'")
     except RefError:
         raise
     except Exception as e:

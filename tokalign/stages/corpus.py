@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,19 +31,6 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
 class CorpusError(ValueError):
     """The corpus cannot be read; the message names the file and what was expected."""
-
-
-def _retry(fn, what: str, attempts: int = 4, base_delay: float = 2.0):
-    """Call ``fn`` and retry transient network/file-system errors with backoff, then fail clearly."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except (ConnectionError, TimeoutError, OSError) as e:
-            if i == attempts - 1:
-                raise CorpusError(f"{what}: failed after {attempts} attempts: {type(e).__name__}: {e}") from e
-            delay = base_delay * 2**i
-            log.warning("%s: %s; retrying in %.0fs", what, e, delay)
-            time.sleep(delay)
 
 
 class _Counts:
@@ -143,7 +129,12 @@ def _records_hub(ref: str, field: str, counts: _Counts) -> Iterator[tuple[str, s
     from datasets import load_dataset
 
     name, _, split = ref.partition(":")
-    ds = _retry(lambda: load_dataset(name, split=split or "train", streaming=True), f"hub dataset '{ref}'")
+    from tokalign.refs import retry
+
+    try:
+        ds = retry(lambda: load_dataset(name, split=split or "train", streaming=True), f"hub dataset '{ref}'")
+    except (ConnectionError, TimeoutError, OSError) as e:
+        raise CorpusError(f"hub dataset '{ref}': could not be read after retries: {type(e).__name__}: {e}") from e
     for i, rec in enumerate(ds):
         if isinstance(rec.get(field), str):
             yield str(rec.get("id", i)), rec[field]
