@@ -43,8 +43,10 @@ class EmbedConfig:
     thread: int = 1  # fastText threads; 1 makes the vectors bit-for-bit reproducible
     window: int = 5  # skipgram context window
     neg: int = 5  # negative samples
+    max_tokens: int = 0  # tokens per stream fed to fastText (whole documents in a seeded random order); 0 = all
 
     def __post_init__(self) -> None:
+        _check(self.max_tokens >= 0, "embed.max_tokens", ">= 0 (0 = the whole stream)", self.max_tokens)
         _check(self.dim > 0, "embed.dim", "> 0", self.dim)
         _check(self.epoch > 0, "embed.epoch", "> 0", self.epoch)
         _check(self.min_count >= 1, "embed.min_count", ">= 1", self.min_count)

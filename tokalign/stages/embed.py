@@ -1,7 +1,10 @@
 """Stage ``embed``: fastText skipgram vectors for each token-ID stream (a token ID is a "word").
 
 Writes ``source.npz`` and ``target.npz`` with ``ids`` (token IDs that got a vector: seen at least
-``embed.min_count`` times), ``vectors`` (float32 [n, dim]) and ``counts``.
+``embed.min_count`` times), ``vectors`` (float32 [n, dim]) and ``counts`` (over the whole stream).
+``embed.max_tokens`` > 0 trains on whole documents drawn in a seeded random order until that many
+tokens (the research modes use it: fastText's time grows with tokens x epochs and dominates a
+1 GiB run; see the README's projection).
 With ``embed.thread=1`` the vectors are reproducible bit for bit (fastText seeds itself with 0).
 
 Run alone:  python -m tokalign embed.dim=300 embed.epoch=20   (the pipeline caches this stage)
@@ -31,6 +34,20 @@ def write_stream(ids: np.ndarray, offsets: np.ndarray, path: Path) -> None:
             if len(doc):
                 f.write(" ".join(map(str, doc.tolist())))
                 f.write("\n")
+
+
+def sample_docs(ids: np.ndarray, offsets: np.ndarray, max_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole documents in a seeded random order, stopping before ``max_tokens`` tokens (at least one
+    document); the stream unchanged when ``max_tokens`` is 0 or covers it."""
+    if max_tokens <= 0 or len(ids) <= max_tokens:
+        return ids, offsets
+    lens = np.diff(offsets)
+    order = np.random.default_rng(seed).permutation(len(lens))
+    keep = order[: max(1, int(np.searchsorted(np.cumsum(lens[order]), max_tokens, side="right")))]
+    keep.sort()  # file order within the sample
+    parts = [ids[offsets[d]:offsets[d + 1]] for d in keep]
+    new_off = np.concatenate([[0], np.cumsum(lens[keep])]).astype(np.int64)
+    return np.concatenate(parts).astype(ids.dtype), new_off
 
 
 def train_vectors(ids: np.ndarray, offsets: np.ndarray, work: Path, *, dim: int, epoch: int, min_count: int,
@@ -82,12 +99,15 @@ def run(cfg, ctx, out: Path) -> dict:
     metrics = {}
     for side in ("source", "target"):
         ids, offsets = load_stream(tok_dir, side)
+        counts = np.bincount(ids.astype(np.int64))
+        ids, offsets = sample_docs(ids, offsets, e.max_tokens, cfg.seed)
         res = train_vectors_isolated(ids, offsets, out, dim=e.dim, epoch=e.epoch, min_count=e.min_count, lr=e.lr,
                             thread=e.thread, window=e.window, neg=e.neg, side=side)
-        np.savez(out / f"{side}.npz", ids=res["ids"], vectors=res["vectors"], counts=res["counts"])
+        np.savez(out / f"{side}.npz", ids=res["ids"], vectors=res["vectors"], counts=counts[res["ids"]])
         tps = res["tokens"] * e.epoch / max(res["seconds"], 1e-9)
         log.info("embed[%s]: %d vectors of dim %d in %.1fs (%.0f tokens/s with %d threads)", side, len(res["ids"]),
                  e.dim, res["seconds"], tps, e.thread)
-        metrics.update({f"embed/{side}_vectors": len(res["ids"]), f"embed/{side}_seconds": round(res["seconds"], 3),
+        metrics.update({f"embed/{side}_vectors": len(res["ids"]), f"embed/{side}_tokens": res["tokens"],
+                        f"embed/{side}_seconds": round(res["seconds"], 3),
                         f"embed/{side}_tokens_per_s": round(tps, 1)})
     return metrics
