@@ -50,14 +50,3 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     # one W&B run (the parent's), one metrics file written by rank 0
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     assert json.loads((out2 / "data_state.json").read_text())["global_batch"] == 4
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_stage1_on_gpu(tmp_path):
-    ctx = make_workspace(tmp_path)
-    cfg = make_cfg(hardware=HardwareConfig(device="cuda", dtype="bfloat16", tf32=True))
-    out = tmp_path / "o"
-    out.mkdir()
-    m = train.run_stage1(cfg, ctx, out)
-    assert m["stage1/steps"] == 4
