@@ -1,4 +1,4 @@
-"""Training throughput of SmolLM2-135M through the real training stages (tokens/s, and MFU on CUDA).
+"""Training throughput through the real training stages (tokens/s, and MFU on CUDA).
 
 Runs ``tokalign.stages.train.train_stage`` (transformers' Trainer, our data order, NaN guard,
 checkpointing off) for stage 1 (embeddings + head), full stage 2 and optionally LoRA stage 2, on
@@ -7,9 +7,15 @@ and compilation are excluded). Weights are a random init with SmolLM2-135M's con
 random``, the default: throughput does not depend on the values) or the real ones from the GGUF
 (``--weights gguf``, ~30 s to load).
 
-MFU (CUDA only) = 6 * N * tokens_per_s / peak_flops, N = all parameters (tied embedding counted once).
-It is the usual dense-training estimate: stage 1 does less work per token (no weight gradients in the
-blocks), so its MFU is an upper bound of the useful share; attention FLOPs are not counted.
+``--model llama-1b`` is a randomly initialised Llama-3.2-1B-shaped model (1.24B parameters, vocab
+128,256, tied head) for the MFU target; ``--vocab-size`` gives the SmolLM2 model another vocabulary
+(151,936 for a Qwen2 target), as the init stage does.
+
+MFU (CUDA only) = model FLOPs per token * tokens/s / peak FLOP/s (H100 SXM dense bf16: 989e12).
+Model FLOPs per token, N = parameters used in matrix products (a tied embedding counted once, as the
+head), L layers, d width, T sequence length (PaLM's accounting, attention included):
+full training 6N + 12·L·d·T; stage 1 and LoRA 4N + 2·N_head + 8·L·d·T (every layer's activation
+gradients are computed, weight gradients only for the head/embedding). ``mfu_6n`` leaves attention out.
 
 The CPU numbers in the project report came from (2 cores):
 
@@ -39,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -57,8 +66,11 @@ def _toy_tokenizer(vocab: int, eos_id: int = 2):
                                    pad_token="<eos>")
 
 
-def build_init(folder: Path, weights: str, gguf: Path):
-    """``folder/model``: SmolLM2-135M (random init or real weights) saved with a tokenizer; returns the model."""
+MODELS = {"smollm2-135m": SMOLLM2, "llama-1b": LLAMA_1B}
+
+
+def build_init(folder: Path, weights: str, gguf: Path, arch: dict = SMOLLM2):
+    """``folder/model``: a random init of ``arch`` or SmolLM2-135M's real weights, saved with a tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -69,8 +81,8 @@ def build_init(folder: Path, weights: str, gguf: Path):
         tok = refs.load_tokenizer(str(gguf))
     else:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2))
-        tok = _toy_tokenizer(SMOLLM2["vocab_size"], SMOLLM2["eos_token_id"])
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**arch))
+        tok = _toy_tokenizer(arch["vocab_size"], arch["eos_token_id"])
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     return model
@@ -84,6 +96,15 @@ def make_tokens(folder: Path, n_tokens: int, vocab: int, seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "target_ids.npy", ids)
     np.save(folder / "target_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def flops_per_token(arch: dict, n_matmul: int, seq_len: int, stage: str) -> tuple[float, float]:
+    """(model FLOPs per token with attention, without attention) for one training step of ``stage``."""
+    L, d = arch["num_hidden_layers"], arch["hidden_size"]
+    if stage == "stage2":
+        return 6 * n_matmul + 12 * L * d * seq_len, 6 * n_matmul
+    n_head = arch["vocab_size"] * d
+    return 4 * n_matmul + 2 * n_head + 8 * L * d * seq_len, 4 * n_matmul + 2 * n_head
 
 
 def timing_callback(warmup: int):
@@ -114,6 +135,8 @@ def timing_callback(warmup: int):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default="stage1,stage2", help="comma list of stage1, stage2, stage2_lora")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m", help="architecture (random init)")
+    ap.add_argument("--vocab-size", type=int, default=0, help="override the architecture's vocabulary size")
     ap.add_argument("--weights", choices=["random", "gguf"], default="random")
     ap.add_argument("--gguf", type=Path, default=ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -149,8 +172,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)
         t0 = time.time()
-        model = build_init(tmp / "init", a.weights, a.gguf)
+        arch = dict(MODELS[a.model], **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
+        if a.weights == "gguf" and (a.model != "smollm2-135m" or a.vocab_size):
+            ap.error("--weights gguf is SmolLM2-135M with its own vocabulary")
+        model = build_init(tmp / "init", a.weights, a.gguf, arch)
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        tied = model.get_output_embeddings() is None or (
+            model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        n_matmul = n_params - (0 if tied else model.get_input_embeddings().weight.numel())
         vocab = model.get_input_embeddings().weight.shape[0]
         del model
         load_s = time.time() - t0
@@ -182,14 +211,19 @@ def main(argv=None) -> dict:
             row = {"stage": st, "tokens_per_s": tps, "steps_per_s": sps, "timed_steps": timed,
                    "trainable_params": m[f"stage{stage_no}/trainable_params"],
                    "final_loss": m[f"stage{stage_no}/final_loss"]}
+            fpt, fpt_6n = flops_per_token(arch, n_matmul, a.seq_len, "stage2" if st == "stage2" else st)
+            row["flops_per_token"] = fpt
             if device == "cuda":
-                row["mfu"] = 6 * n_params * tps / a.peak_flops
+                row["mfu"] = fpt * tps / a.peak_flops
+                row["mfu_6n"] = fpt_6n * tps / a.peak_flops
+                row["achieved_tflops"] = fpt * tps / 1e12
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             results.append(row)
 
     info = {
-        "model": "SmolLM2-135M (" + ("real weights" if a.weights == "gguf" else "random init, same config") + ")",
-        "params": n_params, "device": device, "dtype": dtype,
+        "model": ("SmolLM2-135M (real weights)" if a.weights == "gguf" else
+                  f"{a.model} architecture, random init, vocab {arch['vocab_size']}"),
+        "params": n_params, "matmul_params": n_matmul, "arch": arch, "device": device, "dtype": dtype,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "seq_len": a.seq_len, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
@@ -201,7 +235,8 @@ def main(argv=None) -> dict:
     }
     report = {"info": info, "results": results}
 
-    cols = ["stage", "tokens/s", "steps/s", "trainable params", "loss"] + (["MFU", "peak mem GB"] if device == "cuda"
+    cols = ["stage", "tokens/s", "steps/s", "trainable params", "loss"] + (["TFLOP/s", "MFU", "MFU (6N)", "peak mem GB"]
+                                                                           if device == "cuda"
                                                                           else [])
     print(f"\n{info['model']}, {n_params / 1e6:.1f}M params, {device} ({info['device_name']}, {dtype}), "
           f"seq_len {a.seq_len} x micro-batch {a.micro_batch} x accum {a.grad_accum}, {a.steps} timed steps; "
@@ -212,7 +247,8 @@ def main(argv=None) -> dict:
         cells = [r["stage"], f"{r['tokens_per_s']:,.0f}", f"{r['steps_per_s']:.3f}", f"{r['trainable_params']:,}",
                  f"{r['final_loss']:.3f}"]
         if device == "cuda":
-            cells += [f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_gb']:.1f}"]
+            cells += [f"{r['achieved_tflops']:.0f}", f"{100 * r['mfu']:.1f}%", f"{100 * r['mfu_6n']:.1f}%",
+                      f"{r['peak_mem_gb']:.1f}"]
         print("| " + " | ".join(cells) + " |")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ ROWS = [
     ("pivot_count", lambda c: c.pivot_count), ("similarity_threshold", lambda c: c.similarity_threshold),
     ("init_methods", lambda c: ",".join(c.init_methods) if len(c.init_methods) < 5 else "all 5"),
     ("embed dim/epoch/minCount/lr/threads", lambda c: f"{c.embed.dim}/{c.embed.epoch}/{c.embed.min_count}/{c.embed.lr}/{c.embed.thread}"),
+    ("fastText tokens per stream", lambda c: f"{c.embed.max_tokens:,}" if c.embed.max_tokens else "all"),
     ("terms top_k/min_freq/scoring", lambda c: f"{c.terms.top_k}/{c.terms.min_freq}/{c.terms.scoring}"),
     ("tokenizer workers", lambda c: c.hardware.tokenizer_workers),
     ("lr_stage1 / lr_stage2", lambda c: f"{c.lr_stage1:g} / {c.lr_stage2:g}"),
@@ -24,6 +25,7 @@ ROWS = [
     ("stage 2", lambda c: "LoRA" if c.stage2_use_lora else "full"),
     ("seq_len x micro-batch x accum", lambda c: f"{c.train.seq_len} x {c.train.micro_batch_size} x {c.train.grad_accum}"),
     ("dtype", lambda c: c.hardware.dtype),
+    ("torch.compile", lambda c: "on" if c.train.compile else "off"),
     ("eval samples (bpb / PubMedQA)", lambda c: f"{c.eval.max_eval_samples} / {c.eval.pubmedqa_samples}"),
 ]
 
