@@ -89,3 +89,26 @@ def test_cli_invalid_utf8_corpus(tmp_path):
     r = _cli(tmp_path, f"corpus={bad}")
     assert r.returncode == 2
     assert f"tokalign: error: {bad}: invalid UTF-8 at byte 5" in r.stderr
+
+
+def test_every_tokalign_error_class_is_reported_in_one_line():
+    """A new error class that does not derive from TokalignError would escape the one-line report."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import tokalign
+    from tokalign.__main__ import user_errors
+    from tokalign.errors import TokalignError
+
+    found = []
+    for mod in pkgutil.walk_packages(tokalign.__path__, "tokalign."):
+        if mod.name.endswith("__main__"):
+            continue
+        m = importlib.import_module(mod.name)
+        for name, obj in vars(m).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == m.__name__:
+                found.append(obj)
+                assert issubclass(obj, TokalignError), f"{m.__name__}.{name} does not derive from TokalignError"
+    assert len(found) >= 14
+    assert all(issubclass(e, user_errors()) for e in found)

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tokalign.config import Config, ConfigError, register_configs, register_resolvers, to_config
+from tokalign.errors import TokalignError
 
 register_configs()
 register_resolvers()
@@ -45,22 +46,7 @@ def apply_hardware(cfg: Config) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input, configuration or the machine: reported in one line (the traceback goes to
     ``<run dir>/error.txt``)."""
-    from tokalign.alignment import AlignmentError
-    from tokalign.data import DataError
-    from tokalign.distributed import LaunchError
-    from tokalign.metrics import MetricsError
-    from tokalign.refs import RefError
-    from tokalign.stages.align import AlignInputError
-    from tokalign.stages.corpus import CorpusError
-    from tokalign.stages.embed import EmbedError
-    from tokalign.stages.evaluate import EvalInputError
-    from tokalign.stages.init import InitInputError
-    from tokalign.stages.preflight import PreflightError
-    from tokalign.stages.train import TrainingDivergedError, TrainInputError
-
-    return (ConfigError, RefError, CorpusError, EmbedError, PreflightError, AlignmentError, AlignInputError,
-            InitInputError, EvalInputError, MetricsError, DataError, TrainInputError, TrainingDivergedError,
-            LaunchError, FileNotFoundError, PermissionError)
+    return (TokalignError, FileNotFoundError, PermissionError)
 
 
 def _hydra_info() -> tuple[Path, str, str, Optional[str]]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ SPM_SPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class AlignmentError(ValueError):
+class AlignmentError(TokalignError, ValueError):
     """Inputs to the alignment math are inconsistent; the message says what was expected."""
 
 

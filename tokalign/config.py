@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from tokalign.errors import TokalignError
 
 INIT_METHODS = ("random", "mean", "fvt", "tokalign_1to1", "tokalign")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -23,7 +24,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 SCORINGS = ("cos", "csls")
 
 
-class ConfigError(ValueError):
+class ConfigError(TokalignError, ValueError):
     """A configuration value is invalid; the message names the key."""
 
 

@@ -28,11 +28,12 @@ from typing import Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(TokalignError, ValueError):
     """The training token arrays are missing or malformed; the message names the file."""
 
 

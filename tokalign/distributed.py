@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 from omegaconf import OmegaConf
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(TokalignError, RuntimeError):
     """A child torchrun failed; the message gives its exit code and log file."""
 
 

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ PUBMEDQA_LABELS = ("yes", "no", "maybe")
 _HEAD_ELEMENTS = 1 << 26
 
 
-class MetricsError(ValueError):
+class MetricsError(TokalignError, ValueError):
     """Bad input to a scoring function; the message names what was expected."""
 
 

@@ -12,11 +12,12 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 
-class RefError(ValueError):
+class RefError(TokalignError, ValueError):
     """A model or tokenizer reference cannot be loaded; the message names it."""
 
 

@@ -76,6 +76,7 @@ import numpy as np
 
 from tokalign import alignment as A
 from tokalign import refs
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ ROLE_ORDER = ("bos", "eos", "pad", "unk")
 DEFAULTS = {"min_precision": 0.5, "seen_scale": 1.0, "unseen_scale": 0.8, "special_match": "role"}
 
 
-class AlignInputError(ValueError):
+class AlignInputError(TokalignError, ValueError):
     """An input of stage align is missing or malformed; the message names the file or key."""
 
 

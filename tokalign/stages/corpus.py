@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from tqdm import tqdm
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
 
-class CorpusError(ValueError):
+class CorpusError(TokalignError, ValueError):
     """The corpus cannot be read; the message names the file and what was expected."""
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from tokalign.stages.tokenize import docs_of, load_stream
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 
-class EmbedError(ValueError):
+class EmbedError(TokalignError, ValueError):
     """fastText cannot be trained on this stream; the message says why."""
 
 

@@ -30,6 +30,7 @@ import torch
 
 from tokalign import metrics as M
 from tokalign import refs
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ SAMPLE_PROMPTS = ("Diabetes mellitus is", "The patient was treated with", "Rando
 SAMPLE_NEW_TOKENS = 24
 
 
-class EvalInputError(ValueError):
+class EvalInputError(TokalignError, ValueError):
     """An input of the evaluation stages is missing or malformed; the message names the file."""
 
 

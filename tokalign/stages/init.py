@@ -38,6 +38,7 @@ import numpy as np
 
 from tokalign import alignment as A
 from tokalign import refs
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ ALIGN_KEYS = ("how", "src", "weight", "blend", "argmax_1to1", "fvt_indptr", "fvt
 OPTIONAL_KEYS = ("scale",)  # per-row factor of the tokalign rows (1 where absent)
 
 
-class InitInputError(ValueError):
+class InitInputError(TokalignError, ValueError):
     """An input of stage init is missing or malformed; the message names the file or key."""
 
 

@@ -17,11 +17,12 @@ import platform
 import shutil
 import sys
 from pathlib import Path
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 
-class PreflightError(RuntimeError):
+class PreflightError(TokalignError, RuntimeError):
     """The machine cannot do this job; the message says which check failed."""
 
 

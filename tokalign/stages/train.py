@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tokalign.data import PackedSequences, load_token_arrays, pack_blocks
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many eval documents (the final eval stage uses more)
 
 
-class TrainInputError(ValueError):
+class TrainInputError(TokalignError, ValueError):
     """A training stage's input (an upstream folder or a checkpoint) is missing or malformed."""
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(TokalignError, RuntimeError):
     """The training loss or gradient norm became NaN/inf."""
 
 
