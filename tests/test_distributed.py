@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 
 from tokalign.config import HardwareConfig
 from tokalign.distributed import launched

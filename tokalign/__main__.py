@@ -16,7 +16,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tokalign.config import Config, ConfigError, register_configs, register_resolvers, to_config
+from tokalign.config import Config, register_configs, register_resolvers, to_config
 from tokalign.errors import TokalignError
 
 register_configs()

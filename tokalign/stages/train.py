@@ -16,17 +16,17 @@ Outputs (``out``):
 Stage 2 also hard-links (or copies) its model to ``<run dir>/adapted_model``.
 
 A loss or gradient norm that turns NaN/inf stops the stage with :class:`TrainingDivergedError`
-before the optimizer applies it, so the last checkpoint stays good.
+before the optimizer applies it, so the last checkpoint stays good. The Trainer subclass and the
+logging/eval callback that do this live in ``tokalign/trainer.py``.
+
+Run alone (the pipeline caches the stages before it):  python -m tokalign steps_stage1=200 lr_stage1=5e-5
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -35,11 +35,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tokalign.data import PackedSequences, load_token_arrays, pack_blocks
+from tokalign.metrics import bits_per_byte
 from tokalign.errors import TokalignError
+from tokalign.trainer import TrainingDivergedError, checkpoints, make_trainer_classes
+
+__all__ = ["TrainInputError", "TrainingDivergedError", "checkpoints", "run_stage1", "run_stage2", "train_stage"]
 
 log = logging.getLogger(__name__)
 
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
 EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many eval documents (the final eval stage uses more)
 
 
@@ -47,25 +50,8 @@ class TrainInputError(TokalignError, ValueError):
     """A training stage's input (an upstream folder or a checkpoint) is missing or malformed."""
 
 
-class TrainingDivergedError(TokalignError, RuntimeError):
-    """The training loss or gradient norm became NaN/inf."""
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-def checkpoints(folder: Path) -> list[Path]:
-    """Complete ``checkpoint-<step>`` folders under ``folder``, oldest first (a checkpoint without
-    ``trainer_state.json`` was cut off while saving and is ignored)."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = _CKPT.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
 
 def lr_scheduler_args(cfg, steps: int) -> tuple[str, dict]:
     """transformers' ``lr_scheduler_type`` and ``lr_scheduler_kwargs`` for ``cfg.lr_schedule`` over ``steps``
@@ -97,51 +83,18 @@ def _is_tied(model) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def _read_eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
-    if corpus_dir is None:
+def _eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
+    """The first ``limit`` eval documents for in-training bits per byte; none when the corpus stage wrote none."""
+    from tokalign.stages.evaluate import EvalInputError, read_eval_texts
+
+    if corpus_dir is None or not (Path(corpus_dir) / "eval.jsonl").is_file():
         return []
-    path = Path(corpus_dir) / "eval.jsonl"
-    if not path.is_file():
-        return []
-    texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise TrainInputError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-            if text:
-                texts.append(text)
-            if len(texts) >= limit:
-                break
-    return texts
-
-
-def _fallback_bpb(model, tokenizer, texts: list[str], *, seq_len: int, device) -> dict:
-    """Bits per byte with non-overlapping windows, each document scored after an EOS (used while
-    ``tokalign.metrics`` is unavailable)."""
-    import torch
-
-    eos = tokenizer.eos_token_id
-    nll, nbytes, ntok = 0.0, 0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        nbytes += len(text.encode("utf-8"))
-        ctx_ids = ([eos] if eos is not None else []) + list(ids)
-        pos = 1  # the first token without a preceding EOS is not scored
-        while pos < len(ctx_ids):
-            lo = max(0, pos - 1)
-            hi = min(len(ctx_ids), lo + seq_len)
-            x = torch.tensor([ctx_ids[lo:hi]], device=device)
-            logits = model(input_ids=x).logits.float()
-            lp = torch.log_softmax(logits[0, :-1], dim=-1)
-            tgt = x[0, 1:]
-            nll -= lp.gather(1, tgt[:, None]).sum().item()
-            ntok += len(tgt)
-            pos = hi
-    return {"bpb": nll / math.log(2) / max(nbytes, 1), "tokens": ntok, "bytes": nbytes}
+    try:
+        return read_eval_texts(Path(corpus_dir) / "eval.jsonl", limit)
+    except EvalInputError as e:
+        if "no non-empty documents" in str(e):
+            return []
+        raise
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -157,131 +110,6 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
                 os.link(f, dst / f.name)
             except OSError:
                 shutil.copy2(f, dst / f.name)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the Trainer pieces
-
-def _make_trainer_classes():
-    import torch
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback
-
-    class OrderedTrainer(Trainer):
-        """A Trainer that keeps the dataset's order and stops on a NaN/inf loss or gradient norm."""
-
-        stage_name = "train"
-
-        def _get_train_sampler(self, train_dataset=None):
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            return SequentialSampler(ds)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            d = loss.detach().float().reshape(())
-            acc = getattr(self, "_step_loss", None)
-            self._step_loss = d if acc is None else acc + d
-            return loss
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            gn = super()._get_grad_norm(model, grad_norm=grad_norm)
-            loss = getattr(self, "_step_loss", None)
-            self._step_loss = None
-            vals = []
-            if loss is not None:
-                vals.append(loss.reshape(()))
-            if gn is not None:
-                g = gn if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
-                vals.append(g.detach().float().reshape(()).to(vals[0].device if vals else g.device))
-            if vals:
-                v = torch.stack(vals).cpu()  # one sync per optimizer step
-                if not torch.isfinite(v).all():
-                    step = self.state.global_step + 1
-                    last = checkpoints(Path(self.args.output_dir))
-                    what = "loss" if loss is not None and not math.isfinite(float(v[0])) else "gradient norm"
-                    raise TrainingDivergedError(
-                        f"{self.stage_name}: the training {what} became {float(v[0 if what == 'loss' else -1])} at "
-                        f"optimizer step {step} of {self.state.max_steps}; stopped before applying it. Last good "
-                        f"checkpoint: {last[-1] if last else 'none'}. Lower the learning rate or check the data.")
-            return gn
-
-    class StageCallback(TrainerCallback):
-        """Logs ``<ns>/loss, lr, grad_norm, tokens_seen, tokens_per_s, passes`` and runs the light bpb eval."""
-
-        def __init__(self, *, ns: str, tracker, tokens_per_step: int, start_idx: int, global_batch: int,
-                     n_blocks: int, eval_fn, eval_steps: int) -> None:
-            self.ns = ns
-            self.tracker = tracker
-            self.tokens_per_step = tokens_per_step
-            self.start_idx = start_idx
-            self.global_batch = global_batch
-            self.n_blocks = n_blocks
-            self.eval_fn = eval_fn
-            self.eval_steps = eval_steps
-            self.t_last: Optional[float] = None
-            self.step_last = 0
-            self.t_begin: Optional[float] = None
-            self.step_begin = 0
-            self.eval_seconds = 0.0
-            self.last_eval_step = -1
-            self.last_bpb: Optional[float] = None
-            self.last_loss: Optional[float] = None
-
-        def passes_at(self, step: int) -> float:
-            return (self.start_idx + step * self.global_batch) / self.n_blocks
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t_begin = self.t_last = time.time()
-            self.step_begin = self.step_last = state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not logs or "loss" not in logs:
-                return
-            step = state.global_step
-            now = time.time()
-            dt = max(now - (self.t_last or now) - self._eval_since_last, 1e-9)
-            tps = (step - self.step_last) * self.tokens_per_step / dt
-            self.t_last, self.step_last, self._eval_since_last = now, step, 0.0
-            self.last_loss = float(logs["loss"])
-            rec = {f"{self.ns}/step": step, f"{self.ns}/loss": self.last_loss,
-                   f"{self.ns}/lr": float(logs.get("learning_rate", float("nan"))),
-                   f"{self.ns}/tokens_seen": step * self.tokens_per_step, f"{self.ns}/tokens_per_s": tps,
-                   f"{self.ns}/passes": self.passes_at(step)}
-            if logs.get("grad_norm") is not None:
-                rec[f"{self.ns}/grad_norm"] = float(logs["grad_norm"])
-            if state.is_world_process_zero:
-                self.tracker.log(rec)
-
-        _eval_since_last = 0.0
-
-        def run_eval(self, state, model) -> None:
-            if self.eval_fn is None or state.global_step == self.last_eval_step:
-                return
-            t0 = time.time()
-            bpb = self.eval_fn(model)
-            dt = time.time() - t0
-            self.eval_seconds += dt
-            self._eval_since_last += dt
-            self.last_eval_step = state.global_step
-            if bpb is None:
-                return
-            self.last_bpb = bpb
-            state.log_history.append({"step": state.global_step, "eval_bpb": bpb})
-            if state.is_world_process_zero:
-                self.tracker.log({f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb})
-            log.info("[%s] step %d: eval bits per byte %.4f (%.1fs)", self.ns, state.global_step, bpb, dt)
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step >= state.max_steps:
-                control.should_log = True  # the last step is always logged, whatever logging_steps says
-            if self.eval_steps > 0 and state.global_step % self.eval_steps == 0:
-                self.run_eval(state, model)
-
-        def on_train_end(self, args, state, control, model=None, **kw):
-            if self.eval_steps > 0 and state.global_step % self.eval_steps != 0:
-                self.run_eval(state, model)  # the final point of the in-training curve
-
-    return OrderedTrainer, StageCallback
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -486,7 +314,7 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
 
     # ---- eval
     n_eval = cfg.eval.max_eval_samples if cfg.eval.max_eval_samples > 0 else EVAL_DOCS_CAP
-    eval_texts = _read_eval_texts(ctx.path("corpus"), min(n_eval, EVAL_DOCS_CAP))
+    eval_texts = _eval_texts(ctx.path("corpus"), min(n_eval, EVAL_DOCS_CAP))
     eval_fn = None
     if eval_texts:
         def eval_fn(m):
@@ -495,16 +323,8 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
             m.eval()
             try:
                 with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    try:
-                        from tokalign.metrics import bits_per_byte
-                    except ImportError:
-                        res = _fallback_bpb(m, tokenizer, eval_texts, seq_len=cfg.eval.seq_len, device=device)
-                    else:
-                        extra = {"progress": False} if "progress" in inspect.signature(bits_per_byte).parameters \
-                            else {}
-                        res = bits_per_byte(m, tokenizer, eval_texts, seq_len=cfg.eval.seq_len,
-                                            stride=cfg.eval.stride, batch_size=cfg.eval.batch_size, device=device,
-                                            **extra)
+                    res = bits_per_byte(m, tokenizer, eval_texts, seq_len=cfg.eval.seq_len, stride=cfg.eval.stride,
+                                        batch_size=cfg.eval.batch_size, device=device, progress=False)
                 return float(res["bpb"])
             finally:
                 if was_training:
@@ -513,7 +333,7 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
         log.info("[%s] no eval texts (corpus/eval.jsonl missing or empty): no bits per byte during training", name)
 
     # ---- trainer
-    OrderedTrainer, StageCallback = _make_trainer_classes()
+    OrderedTrainer, StageCallback = make_trainer_classes()
     ctx.tracker.define_step(ns)
     cb = StageCallback(ns=ns, tracker=ctx.tracker, tokens_per_step=global_batch * tc.seq_len, start_idx=start_idx,
                        global_batch=global_batch, n_blocks=dataset.n_blocks, eval_fn=eval_fn,
