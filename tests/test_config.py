@@ -98,3 +98,15 @@ def test_hydra_plugin_configs_compose(override):
         assert cfg.hydra.launcher.gpus_per_node == 1 and "submitit" in cfg.hydra.launcher._target_
     else:
         assert cfg.hydra.sweeper.direction == "minimize" and "lr_stage1" in cfg.hydra.sweeper.params
+
+
+@pytest.mark.parametrize("sweep, needle", [("pivot_count=300,1", "sweep job 1 (pivot_count=1"),
+                                           ("pivot_count=300,many", "pivot_count")])
+def test_a_bad_sweep_value_fails_before_any_job_runs(tmp_path, sweep, needle):
+    r = subprocess.run([sys.executable, "-m", "tokalign", "-m", sweep, f"cache_dir={tmp_path}/cache",
+                        f"hydra.sweep.dir={tmp_path}/runs", "wandb.mode=disabled"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()  # no stage ran, not even job 0's
+    assert not list((tmp_path / "runs").glob("*/summary.json"))

@@ -16,7 +16,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tokalign.config import Config, register_configs, register_resolvers, to_config
+from tokalign.config import Config, ConfigError, register_configs, register_resolvers, to_config
 from tokalign.errors import TokalignError
 
 register_configs()
@@ -60,12 +60,40 @@ def _hydra_info() -> tuple[Path, str, str, Optional[str]]:
     return run_dir, mode, name, group
 
 
+def validate_sweep() -> None:
+    """In a multirun's first job, before anything runs: every job of the sweep must compose and validate
+    (types and value ranges), so that a bad value in job 3 does not surface after jobs 0-2 have run.
+    Hydra itself rejects wrong types up front; this adds our ``__post_init__`` checks. Search spaces that
+    are not plain lists (an Optuna sweeper's ranges) are left to their sweeper."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.MULTIRUN" or int(hc.job.num) != 0:
+        return
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        args = [a for a in sys.argv[1:]
+                if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0]
+    except Exception:  # not a list sweep (or not launched from this command line): nothing to pre-check
+        return
+    for i, job in enumerate(jobs):
+        try:
+            to_config(compose(config_name="config", overrides=list(job)))
+        except Exception as e:
+            raise ConfigError(f"sweep job {i} ({' '.join(job)}): {str(e).splitlines()[0]}; no job was run") from e
+
+
 def main_task(dcfg: DictConfig) -> Optional[float]:
     from tokalign.pipeline import run_pipeline
     from tokalign.tracking import make_tracker
 
     try:
         cfg = to_config(dcfg)
+        validate_sweep()
     except Exception as e:  # OmegaConf validation or our __post_init__ checks
         msg = str(e).splitlines()[0]
         print(f"tokalign: config error: {msg}", file=sys.stderr)
