@@ -90,3 +90,22 @@ def test_stage_list_reads_only_earlier_stages():
         assert set(st.inputs) <= seen, st.name
         seen.add(st.name)
     assert [s.name for s in STAGES][:8] == ["preflight", "corpus", "source", "tokenize", "terms", "embed", "align", "init"]
+
+
+def test_cuda_cache_is_released_after_every_stage_even_a_failing_one(tmp_path, monkeypatch):
+    """A long run and the next job of a serial multirun start from a clean GPU allocator."""
+    import torch
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    calls = []
+    run_pipeline(_cfg(tmp_path), tmp_path / "r1", stages=_stages(calls))
+    assert len(released) == 2
+
+    def boom(cfg, ctx, out):
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError):
+        run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=[Stage("x", boom, (), ())])
+    assert len(released) == 3

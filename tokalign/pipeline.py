@@ -12,10 +12,12 @@ Run it:  python -m tokalign            (smoke mode on the demo assets)
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -122,6 +124,15 @@ def write_summary(run_dir: Path, metrics: dict, stages: dict, extra: Optional[di
     return path
 
 
+def release_memory() -> None:
+    """Drop what a finished stage left behind (host garbage, the CUDA allocator's cached blocks), so a long
+    run or the next job of a serial multirun starts from a clean GPU."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Optional[list[Stage]] = None) -> dict:
     """Run every stage in order, reusing verified cached outputs; returns the summary dict.
 
@@ -182,6 +193,8 @@ def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Option
             (run_dir / "error.txt").write_text(traceback.format_exc())
             write_summary(run_dir, ctx.metrics, records)
             raise
+        finally:
+            release_memory()
         record["seconds"] = round(time.time() - t0, 3)
         records[stage.name] = record
         (run_dir / f"{stage.name}.json").write_text(json.dumps({**record, "metrics": _json_safe(metrics)}, indent=1))
