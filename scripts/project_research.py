@@ -15,8 +15,9 @@ Inputs in ``--measured`` (each written by the script named):
                  scripts/bench_train.py     training tokens/s per stage (SmolLM2 shape, target vocab),
                                             without and with torch.compile (train.compile picks one)
   eval.json      scripts/bench_eval.py      bits-per-byte bytes/s, PubMedQA questions/s
-  smoke_summary.json (optional)             a real run's summary.json: seconds of the stages whose
-                                            cost does not grow with the corpus (source, init)
+  --fixed-from (optional)                   a real run's summary.json (default: the smoke run kept in
+                                            benchmarks/cpu2/): seconds of the stages whose cost does not
+                                            grow with the corpus (source load, init for the same vocabularies)
 
 Method: a rate measured at N workers/threads is used for a config asking for more than N (the
 machine had N cores); the eval set is ``eval.max_eval_samples`` documents of the benchmark's mean
@@ -31,7 +32,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _rate_at(rows: list[dict], key: str, want: int, rate: str) -> tuple[float, int]:
@@ -63,7 +65,7 @@ def project(cfg, m: dict) -> list[dict]:
         gib / 1e6 / up["corpus"]["mb_per_s"])
     fixed = m.get("smoke_summary") or {}
     if "source" in fixed:
-        add("source", "load + convert the source model", "measured (smoke run)", fixed["source"])
+        add("source", "load + convert the source model", m["fixed_label"], fixed["source"])
     workers = int(cfg.hardware.tokenizer_workers)
     mbps, w_used = _rate_at(up["tokenize"], "workers", workers, "mb_per_s")
     add("tokenize", f"{gib / 2**30:.2f} GiB x 2 tokenizers, {workers} workers",
@@ -88,7 +90,7 @@ def project(cfg, m: dict) -> list[dict]:
     add("align", f"{target_vocab:,} target tokens, {cfg.alignment.scoring}, {cfg.pivot_count} pivots",
         f"measured at {v_used:,} tokens, {piv} pivots", secs)
     if "init" in fixed:
-        add("init", "build and save rows for every init method", "measured (smoke run)", fixed["init"])
+        add("init", "build and save rows for every init method", m["fixed_label"], fixed["init"])
     bytes_per_doc = ev["bpb"]["bytes_per_doc"]
     eval_bytes = cfg.eval.max_eval_samples * bytes_per_doc
     bps = ev["bpb"]["bytes_per_s"]
@@ -125,11 +127,15 @@ def load_measured(folder: Path) -> dict:
         if not p.is_file():
             raise SystemExit(f"{p}: missing (written by scripts/bench_{key}.py; see this script's docstring)")
         m[key] = json.loads(p.read_text())
-    s = folder / "smoke_summary.json"
-    if s.is_file():
-        stages = json.loads(s.read_text()).get("stages", {})
-        m["smoke_summary"] = {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict) and v.get("seconds")}
     return m
+
+
+def load_fixed(path: Path) -> dict:
+    """Seconds per stage of a finished run's summary.json."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing (a run's summary.json, for --fixed-from)")
+    stages = json.loads(path.read_text()).get("stages", {})
+    return {k: v["seconds"] for k, v in stages.items() if isinstance(v, dict) and v.get("status") == "computed"}
 
 
 def main(argv=None) -> list[dict]:
@@ -137,12 +143,15 @@ def main(argv=None) -> list[dict]:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--measured", type=Path, default=Path("benchmarks/h100"))
+    ap.add_argument("--measured", type=Path, default=REPO / "benchmarks" / "h100")
     ap.add_argument("--budget-hours", type=float, default=3.0)
     ap.add_argument("--compile-warmup-s", type=float, default=70.0,
                     help="seconds torch.compile adds to a training stage's first steps (70: Llama-1B on the H100, "
                          "78.6 s for 9 steps of which 6 ran at 0.846 steps/s)")
     ap.add_argument("--disk-gbps", type=float, default=1.0, help="checkpoint write speed, GB/s (an assumption)")
+    ap.add_argument("--fixed-from", type=Path, default=REPO / "benchmarks" / "cpu2" / "smoke_summary.json",
+                    help="summary.json of a real run (same source model and target tokenizer): source and init "
+                         "seconds; 'none' leaves those two rows out")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
@@ -152,6 +161,9 @@ def main(argv=None) -> list[dict]:
     cfg = compose_cli(overrides)
     m = load_measured(a.measured)
     m.update(compile_warmup_s=a.compile_warmup_s, disk_gbps=a.disk_gbps)
+    if str(a.fixed_from) != "none":
+        m["smoke_summary"] = load_fixed(a.fixed_from)
+        m["fixed_label"] = f"measured: {a.fixed_from.name}"
     rows = project(cfg, m)
     total = sum(r["seconds"] for r in rows)
     print(f"\nProjected wall time, {' '.join(overrides)}, corpus {cfg.corpus_bytes / 2**30:.2f} GiB; rates from "
