@@ -65,3 +65,36 @@ def test_negative_max_tokens_is_a_config_error():
 
     with pytest.raises(ConfigError, match="embed.max_tokens"):
         EmbedConfig(max_tokens=-1)
+
+
+def test_fasttext_nan_is_retried_in_fresh_processes_then_reported(monkeypatch, tmp_path):
+    ids, off = stream()
+    calls = []
+
+    def flaky(kwargs, env):
+        calls.append(env["TOKALIGN_FASTTEXT_ATTEMPT"])
+        if len(calls) < 3:
+            raise RuntimeError("Encountered NaN.")
+        return {"ids": np.arange(3), "vectors": np.zeros((3, 4), np.float32), "counts": np.ones(3), "seconds": 0.1,
+                "tokens": len(kwargs["ids"])}
+
+    monkeypatch.setattr(embed, "_train_in_fresh_process", flaky)
+    res = embed.train_vectors_isolated(ids, off, tmp_path, dim=4, epoch=1, min_count=1, lr=0.05, thread=1, window=5,
+                                       neg=5, side="target")
+    assert res["attempts"] == 3 and len(set(calls)) == 3  # each attempt in a differently laid-out process
+
+    def always_nan(kwargs, env):
+        raise RuntimeError("Encountered NaN.")
+
+    monkeypatch.setattr(embed, "_train_in_fresh_process", always_nan)
+    with pytest.raises(embed.EmbedError, match=rf"target token stream: fastText raised 'Encountered NaN' in {embed.FASTTEXT_ATTEMPTS}"):
+        embed.train_vectors_isolated(ids, off, tmp_path, dim=4, epoch=1, min_count=1, lr=0.05, thread=1, window=5,
+                                     neg=5, side="target")
+
+    def other_error(kwargs, env):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(embed, "_train_in_fresh_process", other_error)
+    with pytest.raises(RuntimeError, match="something else"):  # only the NaN is retried
+        embed.train_vectors_isolated(ids, off, tmp_path, dim=4, epoch=1, min_count=1, lr=0.05, thread=1, window=5,
+                                     neg=5, side="target")
