@@ -53,9 +53,12 @@ def _setup_torch(cfg: Any) -> None:
         torch.set_num_threads(threads)
 
 
-def read_eval_texts(path: Path, max_docs: int = 0) -> list[str]:
-    """Texts of the first ``max_docs`` records (0 = all) of a ``{"id", "text"}`` JSONL file, in file order."""
+def read_eval_texts(path: Path, max_docs: int = 0, required: bool = True) -> list[str]:
+    """Texts of the first ``max_docs`` records (0 = all) of a ``{"id", "text"}`` JSONL file, in file order.
+    ``required=False``: a missing file or one without text gives ``[]`` instead of an error."""
     if not path.is_file():
+        if not required:
+            return []
         raise EvalInputError(f"{path}: no such file (the eval corpus written by stage 'corpus')")
     texts: list[str] = []
     try:
@@ -75,6 +78,8 @@ def read_eval_texts(path: Path, max_docs: int = 0) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{path}: unreadable ({e})") from e
     if not texts or not any(texts):
+        if not required:
+            return []
         raise EvalInputError(f"{path}: no non-empty documents to score")
     return texts
 

@@ -85,16 +85,9 @@ def _is_tied(model) -> bool:
 
 def _eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
     """The first ``limit`` eval documents for in-training bits per byte; none when the corpus stage wrote none."""
-    from tokalign.stages.evaluate import EvalInputError, read_eval_texts
+    from tokalign.stages.evaluate import read_eval_texts
 
-    if corpus_dir is None or not (Path(corpus_dir) / "eval.jsonl").is_file():
-        return []
-    try:
-        return read_eval_texts(Path(corpus_dir) / "eval.jsonl", limit)
-    except EvalInputError as e:
-        if "no non-empty documents" in str(e):
-            return []
-        raise
+    return [] if corpus_dir is None else read_eval_texts(Path(corpus_dir) / "eval.jsonl", limit, required=False)
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
