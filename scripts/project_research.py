@@ -63,7 +63,7 @@ def project(cfg, m: dict) -> list[dict]:
 
     add("corpus", f"{gib / 2**30:.2f} GiB read, de-duplicated", f"{up['corpus']['mb_per_s']:.1f} MB/s",
         gib / 1e6 / up["corpus"]["mb_per_s"])
-    fixed = m.get("smoke_summary") or {}
+    fixed = m.get("fixed_seconds") or {}
     if "source" in fixed:
         add("source", "load + convert the source model", m["fixed_label"], fixed["source"])
     workers = int(cfg.hardware.tokenizer_workers)
@@ -162,7 +162,7 @@ def main(argv=None) -> list[dict]:
     m = load_measured(a.measured)
     m.update(compile_warmup_s=a.compile_warmup_s, disk_gbps=a.disk_gbps)
     if str(a.fixed_from) != "none":
-        m["smoke_summary"] = load_fixed(a.fixed_from)
+        m["fixed_seconds"] = load_fixed(a.fixed_from)
         m["fixed_label"] = f"measured: {a.fixed_from.name}"
     rows = project(cfg, m)
     total = sum(r["seconds"] for r in rows)

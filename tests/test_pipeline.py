@@ -92,7 +92,7 @@ def test_stage_list_reads_only_earlier_stages():
     assert [s.name for s in STAGES][:8] == ["preflight", "corpus", "source", "tokenize", "terms", "embed", "align", "init"]
 
 
-def test_cuda_cache_is_released_after_every_stage_even_a_failing_one(tmp_path, monkeypatch):
+def test_cuda_cache_is_released_after_every_stage_that_ran_even_a_failing_one(tmp_path, monkeypatch):
     """A long run and the next job of a serial multirun start from a clean GPU allocator."""
     import torch
 
@@ -101,6 +101,8 @@ def test_cuda_cache_is_released_after_every_stage_even_a_failing_one(tmp_path, m
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
     calls = []
     run_pipeline(_cfg(tmp_path), tmp_path / "r1", stages=_stages(calls))
+    assert len(released) == 2
+    run_pipeline(_cfg(tmp_path), tmp_path / "r1b", stages=_stages(calls))  # both cached: nothing to release
     assert len(released) == 2
 
     def boom(cfg, ctx, out):

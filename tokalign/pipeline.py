@@ -194,7 +194,8 @@ def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Option
             write_summary(run_dir, ctx.metrics, records)
             raise
         finally:
-            release_memory()
+            if record.get("status") != "cached":  # a cached stage loaded nothing worth releasing
+                release_memory()
         record["seconds"] = round(time.time() - t0, 3)
         records[stage.name] = record
         (run_dir / f"{stage.name}.json").write_text(json.dumps({**record, "metrics": _json_safe(metrics)}, indent=1))
