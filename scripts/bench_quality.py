@@ -1,7 +1,7 @@
 """Initialisation quality across target tokenizers: bits per byte on held-out PubMedQA abstracts.
 
-    python scripts/bench_quality.py                                  # Qwen2, Llama-3, Llama-2; 10 eval abstracts
-    python scripts/bench_quality.py --targets qwen2 --docs 40 --out bench_quality.json
+    python scripts/bench_quality.py                      # Qwen2, Llama-3, Llama-2; smoke mode's 40 docs x 400 bytes
+    python scripts/bench_quality.py --targets qwen2 gpt-2 phi-3 --docs 40 --out scripts/results/bench_quality.json
 
 Runs `python -m tokalign` (no training) once per target with the demo source (SmolLM2-135M) and
 corpus, all five initialisations, sharing one cache; prints a markdown table and writes JSON.
@@ -25,9 +25,9 @@ TARGETS = {"qwen2": "ggml-vocab-qwen2.gguf", "llama-3": "ggml-vocab-llama-bpe.gg
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", nargs="+", default=["qwen2", "llama-3", "llama-2"], choices=sorted(TARGETS))
-    ap.add_argument("--docs", type=int, default=10, help="held-out abstracts scored")
+    ap.add_argument("--docs", type=int, default=40, help="held-out abstracts scored")
     ap.add_argument("--cache", default=str(REPO / ".cache" / "tokalign"))
-    ap.add_argument("--out", default="bench_quality.json")
+    ap.add_argument("--out", default="scripts/results/bench_quality.json")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. similarity_threshold=0.4")
     args = ap.parse_args()
     rows = []
@@ -40,20 +40,41 @@ def main() -> None:
             if r.returncode != 0:
                 sys.exit(f"{name}: tokalign failed:\n{r.stderr[-3000:]}")
             m = json.loads((Path(run_dir) / "summary.json").read_text())["metrics"]
-        rows.append({"target": name, "vocab": m.get("tokenize/target_vocab") or m.get("align/target_vocab"),
-                     "source": m["bpb/source"], **{k: m[f"bpb/init/{k}"] for k in METHODS},
+        rows.append({"target": name, "vocab": m.get("init/vocab_size"), "docs": m["eval/docs"],
+                     "source": m["bpb/source"], "source_ci95": m["bpb/source/ci95"],
+                     **{k: m[f"bpb/init/{k}"] for k in METHODS}, **{f"{k}_ci95": m[f"bpb/init/{k}/ci95"] for k in METHODS},
+                     "paired": {k: v for k, v in m.items() if k.startswith("bpb/paired/")},
                      "exact": m.get("align/exact_share"), "aligned": m.get("align/aligned_share"),
                      "fallback": m.get("align/fallback_share")})
         print(f"{name}: done", file=sys.stderr)
-    print(f"\nbits per byte on {args.docs} held-out PubMedQA abstracts (lower is better), source SmolLM2-135M\n")
-    print("| target | source model | " + " | ".join(METHODS) + " | exact / aligned / fallback rows |")
-    print("|---|---|" + "---|" * len(METHODS) + "---|")
-    for r in rows:
-        best = min(METHODS, key=lambda k: r[k])
-        cells = [f"**{r[k]:.4f}**" if k == best else f"{r[k]:.4f}" for k in METHODS]
-        print(f"| {r['target']} | {r['source']:.4f} | " + " | ".join(cells)
-              + f" | {r['exact']:.3f} / {r['aligned']:.3f} / {r['fallback']:.3f} |")
+    print_table(rows)
     Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def _pair(row: dict, a: str, b: str) -> tuple[float, list[float]]:
+    """bpb(a) - bpb(b) with its paired interval, whichever order the stage stored the pair in."""
+    p = row["paired"]
+    if f"bpb/paired/{a}_vs_{b}" in p:
+        return p[f"bpb/paired/{a}_vs_{b}"], p[f"bpb/paired/{a}_vs_{b}/ci95"]
+    d, ci = p[f"bpb/paired/{b}_vs_{a}"], p[f"bpb/paired/{b}_vs_{a}/ci95"]
+    return -d, [-ci[1], -ci[0]]
+
+
+def print_table(rows: list[dict]) -> None:
+    """Bits per byte with 95% intervals; the best method is bold only where its paired interval against the
+    runner-up excludes 0 (tokalign.stats)."""
+    print("\nbits per byte on held-out PubMedQA abstracts (lower is better; 95% bootstrap intervals over documents), "
+          "source SmolLM2-135M\n")
+    print("| target | docs | source model | " + " | ".join(METHODS) + " | best - runner-up (paired 95%) | ours / source |")
+    print("|---|---|---|" + "---|" * len(METHODS) + "---|---|")
+    for r in rows:
+        best, second = sorted(METHODS, key=lambda k: r[k])[:2]
+        d, ci = _pair(r, best, second)
+        sure = ci[1] < 0
+        cells = [(f"**{r[k]:.4f}**" if k == best and sure else f"{r[k]:.4f}") + f" [{r[k + '_ci95'][0]:.3f}, "
+                 f"{r[k + '_ci95'][1]:.3f}]" for k in METHODS]
+        print(f"| {r['target']} | {r['docs']} | {r['source']:.4f} | " + " | ".join(cells)
+              + f" | {best} - {second} = {d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] | {r['tokalign'] / r['source']:.3f} |")
 
 
 if __name__ == "__main__":

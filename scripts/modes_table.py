@@ -26,7 +26,8 @@ ROWS = [
     ("seq_len x micro-batch x accum", lambda c: f"{c.train.seq_len} x {c.train.micro_batch_size} x {c.train.grad_accum}"),
     ("dtype", lambda c: c.hardware.dtype),
     ("torch.compile", lambda c: "on" if c.train.compile else "off"),
-    ("eval samples (bpb / PubMedQA)", lambda c: f"{c.eval.max_eval_samples} / {c.eval.pubmedqa_samples}"),
+    ("eval docs (bytes each) / PubMedQA questions", lambda c: f"{c.eval.max_eval_samples} "
+     f"({c.eval.max_doc_bytes or 'whole'}) / {c.eval.pubmedqa_samples}"),
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tokalign import metrics as M
 from tokalign import alignment as A
 from tokalign.config import AlignmentConfig, Config
 from tokalign.pipeline import Context
@@ -194,7 +195,10 @@ def test_align_and_init_stages_on_synthetic_inputs(tmp_path, tied):
         assert ("lm_head" in t) is (not tied), m
     ta = rows["tokalign"]
     assert np.array_equal(ta["embed"][g], s_emb[gold[g]])
-    assert np.array_equal(ta["embed"][eot], s_emb[src_tok.bos_token_id])
+    # the evaluation convention: every method starts documents from the source's document-start row
+    for m, t in rows.items():
+        assert np.array_equal(t["embed"][eot], s_emb[M.start_token_id(src_tok)]), m
+    assert info["start_token"] == {"target": eot, "source": M.start_token_id(src_tok)}
     np.testing.assert_allclose(ta["embed"][al], s_emb[src[al, 0]], rtol=1e-6)
     fb = how == align.HOW_FVT
     np.testing.assert_allclose(ta["embed"][fb], rows["fvt"]["embed"][fb], rtol=1e-6)
@@ -205,8 +209,10 @@ def test_align_and_init_stages_on_synthetic_inputs(tmp_path, tied):
         one = rows["tokalign_1to1"]
         seen = z["argmax_1to1"] >= 0
         assert np.array_equal(one["lm_head"][seen], s_head[z["argmax_1to1"][seen]])
-    np.testing.assert_allclose(rows["mean"]["embed"], np.broadcast_to(s_emb.mean(0), (v_t, 32)), rtol=1e-5, atol=1e-7)
-    assert abs(rows["random"]["embed"].std() / s_emb.std() - 1) < 0.05
+    rest = np.arange(v_t) != eot
+    np.testing.assert_allclose(rows["mean"]["embed"][rest], np.broadcast_to(s_emb.mean(0), (v_t - 1, 32)), rtol=1e-5,
+                               atol=1e-7)
+    assert abs(rows["random"]["embed"][rest].std() / s_emb.std() - 1) < 0.05
 
     # --- the saved model: loads with the Auto classes, target vocabulary and special ids
     mdir = tmp_path / "init" / "model"

@@ -75,6 +75,33 @@ def test_identical_tokenizer_reproduces_source_bpb(shared_cache, tmp_path):
     assert m["align/exact_share"] + m.get("align/special_share", 0.0) > 0.999
 
 
+def test_a_users_txt_corpus_runs_as_given_on_its_stable_hash_holdout(shared_cache, tmp_path):
+    """The README's own-corpus command with a .txt corpus that is not PubMedQA: the default holdout_ids (PubMedQA's
+    test IDs) name none of its documents, so a stable-hash share is held out and scored, and the log says so."""
+    assets = need_assets()
+    pqal = json.loads((assets / "pubmedqa/ori_pqal.json").read_text())
+    test = set(json.loads((assets / "pubmedqa/test_ground_truth.json").read_text()))
+    notes = tmp_path / "notes.txt"  # the long answers of the training questions: another kind of medical text
+    notes.write_text("\n".join(r["LONG_ANSWER"] for k, r in pqal.items() if k not in test))
+    run = tmp_path / "run"
+    r = tokalign(f"corpus={notes}", f"target_tokenizer={assets}/tokenizers/ggml-vocab-gpt-2.gguf",
+                 "init_methods=[fvt,tokalign]", "eval.max_eval_samples=8", "eval.pubmedqa_samples=0", "embed.epoch=3",
+                 "pivot_count=200", "steps_stage1=0", "steps_stage2=0", "wandb.mode=disabled",
+                 cache=shared_cache, run_dir=run)
+    assert "named none of the corpus's documents" in r.stdout + r.stderr
+    report = json.loads((run / "stages" / "corpus" / "report.json").read_text())
+    assert report["holdout"].startswith("hash_fraction (holdout_ids named none")
+    assert report["eval_documents"] > 8 and report["dev_documents"] > 0 and report["overlap_with_eval"] == 0
+    evaluated = [json.loads(line)["id"] for line in (run / "stages" / "corpus" / "eval.jsonl").read_text().splitlines()]
+    assert all(i.startswith("notes.txt:") for i in evaluated)
+    m = json.loads((run / "summary.json").read_text())["metrics"]
+    assert m["eval/docs"] == 8 and m["corpus/eval_docs"] == report["eval_documents"]
+    for k in ("bpb/source", "bpb/init/fvt", "bpb/init/tokalign"):
+        lo, hi = m[f"{k}/ci95"]
+        assert lo <= m[k] <= hi
+    assert "bpb/paired/fvt_vs_tokalign/ci95" in m
+
+
 def test_sweep_shares_cache_and_groups_wandb_runs(shared_cache, tmp_path):
     sweep = tmp_path / "sweep"
     tokalign(*SMALL, "init_methods=[mean,tokalign]", "steps_stage1=2", "train.seq_len=64", "train.micro_batch_size=2",

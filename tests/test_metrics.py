@@ -250,7 +250,8 @@ def test_pubmedqa_picks_the_answer_the_model_prefers():
     assert r["answer_tokens"] == {"yes": [tok.convert_tokens_to_ids("yes")], "no": [tok.convert_tokens_to_ids("no")],
                                   "maybe": [tok.convert_tokens_to_ids("maybe")]}
     # the prompt format
-    assert M.pubmedqa_prompt(examples[0]) == "Context: the drug alpha\nQuestion: does it work?\nAnswer:"
+    assert M.pubmedqa_prompt(examples[0]) == ("Context: the drug alpha\nQuestion: does it work?\nAnswer:",
+                                              [" yes", " no", " maybe"], True)
 
 
 def test_pubmedqa_multi_token_answers_sum_log_probs(tok):

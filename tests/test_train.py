@@ -67,7 +67,7 @@ def make_workspace(tmp: Path, tied: bool = True) -> Context:
     np.save(tokd / "target_offsets.npy", np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64))
     corpus = tmp / "corpus"
     corpus.mkdir()
-    with (corpus / "eval.jsonl").open("w") as f:
+    with (corpus / "dev.jsonl").open("w") as f:
         for i, d in enumerate(toy_docs(4, seed=1)):
             f.write(json.dumps({"id": f"e{i}", "text": " ".join(f"w{t}" for t in d)}) + "\n")
     run = tmp / "run"
@@ -402,7 +402,7 @@ def test_stage1_on_real_smollm2_lowers_the_loss(tmp_path, assets):
     np.save(tokd / "target_offsets.npy", offsets)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "eval.jsonl").write_text(json.dumps({"id": "e", "text": " ".join(records[6]["CONTEXTS"])}) + "\n")
+    (corpus / "dev.jsonl").write_text(json.dumps({"id": "e", "text": " ".join(records[6]["CONTEXTS"])}) + "\n")
     ctx = Context(run_dir=tmp_path, outputs={"init": init.parent, "tokenize": tokd, "corpus": corpus})
     cfg = make_cfg(steps_stage1=6, lr_stage1=3e-4, train={"seq_len": 64, "micro_batch_size": 4, "grad_accum": 1,
                                                           "save_steps": 100, "eval_steps": 6},

@@ -22,6 +22,7 @@ INIT_METHODS = ("random", "mean", "fvt", "tokalign_1to1", "tokalign")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 WANDB_MODES = ("online", "offline", "disabled")
 SCORINGS = ("cos", "csls")
+PUBMEDQA_FORMATS = ("context", "abstract", "chat")  # tokalign.metrics.pubmedqa_prompt
 
 
 class ConfigError(TokalignError, ValueError):
@@ -183,19 +184,28 @@ class WandbConfig:
 class EvalConfig:
     """Evaluation settings (bits per byte and PubMedQA)."""
 
+    split: str = "eval"  # what the evaluate stages score: eval (the reported held-out text) or dev (for choosing settings)
     max_eval_samples: int = 100  # eval documents scored for bits per byte (0 = all)
+    max_doc_bytes: int = 0  # score only the first N bytes of each eval document, cut at a space (0 = whole documents)
     seq_len: int = 1024  # window length for scoring; longer documents use overlapping windows
     stride: int = 512  # window stride for long documents
     batch_size: int = 4  # documents per forward pass
     pubmedqa_file: Optional[str] = None  # ori_pqal.json for PubMedQA accuracy (None = skip)
     pubmedqa_test_ids: Optional[str] = None  # test_ground_truth.json: the IDs scored
     pubmedqa_samples: int = 500  # test questions scored (stratified by label, seeded)
+    pubmedqa_format: str = "context"  # prompt: context, abstract (lm-eval-harness wording) or chat (the model's template); see below
 
     def __post_init__(self) -> None:
+        _check(self.split in ("eval", "dev"), "eval.split", "eval or dev", self.split)
         _check(self.max_eval_samples >= 0, "eval.max_eval_samples", ">= 0", self.max_eval_samples)
+        _check(self.max_doc_bytes == 0 or self.max_doc_bytes >= 64, "eval.max_doc_bytes", "0 or >= 64",
+               self.max_doc_bytes)
         _check(self.seq_len >= 16, "eval.seq_len", ">= 16", self.seq_len)
         _check(0 < self.stride <= self.seq_len, "eval.stride", f"in (0, eval.seq_len={self.seq_len}]", self.stride)
         _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+        _check(self.pubmedqa_samples >= 0, "eval.pubmedqa_samples", ">= 0", self.pubmedqa_samples)
+        _check(self.pubmedqa_format in PUBMEDQA_FORMATS, "eval.pubmedqa_format", f"one of {PUBMEDQA_FORMATS}",
+               self.pubmedqa_format)
 
 
 @dataclass
@@ -231,7 +241,9 @@ class Config:
     corpus_text_field: str = "text"  # field holding the text in .jsonl/.json/.csv/.parquet/hub records
     corpus_bytes: int = 0  # byte budget of training text read from `corpus` (0 = no limit)
     holdout_ids: Optional[str] = None  # JSON file whose keys are document IDs held out for evaluation
-    holdout_fraction: float = 0.05  # share held out by stable hash when `holdout_ids` is None
+    holdout_fraction: float = 0.05  # share held out by stable hash when `holdout_ids` is None or names no document
+    dev_fraction: float = 0.1  # share of the non-held-out corpus kept out of training to choose settings on (stable hash)
+    allow_eval_overlap: bool = False  # let training documents that are evaluation texts through (the summary counts them)
     pivot_count: int = 300  # shared tokens used as pivots of the relative representations
     similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
     init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
@@ -259,6 +271,7 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)", self.holdout_fraction)
+        _check(0.0 <= self.dev_fraction < 0.5, "dev_fraction", "in [0, 0.5)", self.dev_fraction)
         _check(self.pivot_count >= 2, "pivot_count", ">= 2", self.pivot_count)
         _check(-1.0 <= self.similarity_threshold <= 1.0, "similarity_threshold", "in [-1, 1]", self.similarity_threshold)
         bad = [m for m in self.init_methods if m not in INIT_METHODS]

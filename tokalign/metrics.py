@@ -6,19 +6,22 @@ log-likelihood of a text (nats) divided by ln 2 and by the text's UTF-8 byte cou
 Conventions (the same for every model, so numbers compare):
 
 * each document is tokenized on its own, WITHOUT the tokenizer's special tokens;
-* a start token is prepended as context and never scored: ``bos_token_id``, else
-  ``eos_token_id`` (the usual document separator of models without BOS). A tokenizer with
-  neither has its first document token used as context only: that token is not scored but its
-  bytes still count, so such a model is slightly favoured (by one token per document) rather
-  than silently measured on a different text;
+* a start token is prepended as context and never scored: the separator the model saw between
+  documents (``start_token_id``: the token the tokenizer prepends by itself, else ``<|endoftext|>``,
+  else BOS, else EOS). A model initialised on a new vocabulary has that token's row set to the
+  source's separator row by every init method (stage ``init``), so all methods are compared on
+  the same start context. A tokenizer with none of these has its first document token used as
+  context only: that token is not scored but its bytes still count, so such a model is slightly
+  favoured (by one token per document) rather than silently measured on a different text;
 * documents longer than ``seq_len`` tokens are scored with the standard strided sliding window
   (Hugging Face "perplexity of fixed-length models"): windows start every ``stride`` tokens,
   each token is scored exactly once, in the first window that reaches it, with up to
   ``seq_len - 1`` tokens of context (at least ``seq_len - stride`` after the first window);
-* log-softmax is taken in float32 whatever the model's dtype; sums are kept in float64.
+* logits are computed in float32 (the final hidden state and the head cast up, so a bf16 model's logits
+  are not rounded before the log-softmax); sums are kept in float64.
 
-PubMedQA: the prompt is ``"Context: <CONTEXTS joined by spaces>\\nQuestion: <QUESTION>\\nAnswer:"``
-(after the start token) and the prediction is the answer among " yes", " no", " maybe" with
+PubMedQA: the prompt is one of ``PUBMEDQA_FORMATS`` (``pubmedqa_prompt``; the default, and how it was
+chosen, is in ``tokalign/config.py``: ``EvalConfig.pubmedqa_format``) and the prediction is the answer among " yes", " no", " maybe" with
 the highest total log-likelihood (sum of its tokens' log-probs). We do NOT length-normalise:
 the sum is the probability that the model writes that exact answer string, which is what a
 choice between strings should compare; per-token averaging would favour an answer split into
@@ -67,12 +70,48 @@ class PubMedQAError(MetricsError):
 
 
 def start_token_id(tokenizer: Any) -> Optional[int]:
-    """The context-only token put before every document: BOS, else EOS, else None."""
+    """The context-only token put before every document: the separator the model saw between documents.
+
+    In order: the token the tokenizer adds in front of text by itself (Llama's ``<s>``, Llama-3's
+    ``<|begin_of_text|>``); else a ``<|endoftext|>`` token (the document separator of GPT-2-style
+    vocabularies: GPT-2, Qwen2, SmolLM2, whose ``bos_token`` is the chat token ``<|im_start|>``); else
+    BOS, else EOS, else None.
+    """
+    try:
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
+            return int(full[0])
+    except Exception:  # a tokenizer-like object without the usual call
+        pass
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if isinstance(vocab, dict) and "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
     for attr in ("bos_token_id", "eos_token_id"):
         tid = getattr(tokenizer, attr, None)
         if tid is not None:
             return int(tid)
     return None
+
+
+def head_bytes(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` of at most ``max_bytes`` UTF-8 bytes that ends before a space (whole words)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[:max_bytes].decode("utf-8", errors="ignore")
+    space = cut.rfind(" ")
+    return cut[:space] if space > 0 else cut
+
+
+def roundtrip_mismatches(tokenizer: Any, texts: Sequence[str]) -> int:
+    """How many ``texts`` do not come back unchanged from ``decode(encode(t))`` (bits would be counted over other text)."""
+    bad = 0
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) != t:
+            bad += 1
+    return bad
 
 
 def model_vocab_size(model: Any) -> int:
@@ -186,8 +225,10 @@ def score_rows(model: Any, rows: Sequence[Sequence[int]], queries: Sequence[tupl
         head = model.get_output_embeddings()
         step = max(1, _HEAD_ELEMENTS // max(1, model_vocab_size(model)))
         parts = []
+        weight = head.weight.float()  # float32 logits whatever the model's dtype (no rounding before log-softmax)
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         for s in range(0, sel.shape[0], step):
-            logits = head(sel[s : s + step]).float()
+            logits = torch.nn.functional.linear(sel[s : s + step].float(), weight, bias)
             parts.append(logits.log_softmax(-1).gather(1, tgt[s : s + step, None]).squeeze(1))
         lp = torch.cat(parts) if parts else torch.zeros(0, device=device)
     else:
@@ -236,8 +277,9 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
                   batch_size: int = 4, device: Any = None, desc: str = "bpb", progress: bool = True) -> dict:
     """Bits per UTF-8 byte of ``texts`` under ``model`` with ``tokenizer`` (see the module docstring).
 
-    Returns ``{"bpb", "nll" (nats, total), "bits", "bytes", "tokens" (scored), "docs", "windows",
-    "seq_len", "stride", "start_token", "seconds", "tokens_per_s"}``.
+    Returns ``{"doc_bits", "doc_bytes" (per document, for intervals), "bpb", "nll" (nats, total), "bits",
+    "bytes", "tokens" (scored), "docs", "windows", "seq_len", "stride", "start_token", "seconds",
+    "tokens_per_s"}``.
     """
     if batch_size < 1:
         raise MetricsError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,12 +303,12 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
     vocab = model_vocab_size(model)
     check_token_range((i for s in seqs for i in s), vocab, model, tokenizer)
 
-    # (doc, window tokens, positions in window whose logits are used, targets)
+    # (window tokens, positions in window whose logits are used, targets, document index)
     jobs = []
-    for s in seqs:
+    for d, s in enumerate(seqs):
         for begin, end, first in make_windows(s, seq_len, stride):
             w = s[begin:end]
-            jobs.append((w, range(first - begin - 1, end - begin - 1), w[first - begin :]))
+            jobs.append((w, range(first - begin - 1, end - begin - 1), w[first - begin :], d))
     n_tokens = sum(len(j[2]) for j in jobs)
     jobs.sort(key=lambda j: -len(j[0]))  # similar lengths together: less padding
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -276,6 +318,7 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
     if hasattr(model, "eval"):
         model.eval()
     nll, scored = 0.0, 0
+    doc_nll = [0.0] * len(texts)
     t0 = time.time()
     bar = tqdm(total=n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
     try:
@@ -283,8 +326,8 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
             for b in range(0, len(jobs), batch_size):
                 chunk = jobs[b : b + batch_size]
                 lps = score_rows(model, [j[0] for j in chunk], [(j[1], j[2]) for j in chunk], device=dev, pad_id=pad)
-                for lp in lps:
-                    nll -= float(lp.sum())
+                for j, lp in zip(chunk, lps):
+                    doc_nll[j[3]] -= float(lp.sum())
                     scored += lp.numel()
                 bar.update(sum(len(j[2]) for j in chunk))
     finally:
@@ -293,7 +336,10 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
             model.train()
     secs = time.time() - t0
     assert scored == n_tokens
+    nll = float(sum(doc_nll))
     return {
+        "doc_bits": [x / LN2 for x in doc_nll],
+        "doc_bytes": [len(t.encode("utf-8")) for t in texts],
         "bpb": nll / LN2 / total_bytes,
         "nll": nll,
         "bits": nll / LN2,
@@ -314,11 +360,34 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
 # --------------------------------------------------------------------------------------------
 
 
-def pubmedqa_prompt(example: dict) -> str:
+from tokalign.config import PUBMEDQA_FORMATS  # noqa: E402  (context, abstract, chat)
+
+
+def pubmedqa_prompt(example: dict, fmt: str = "context", tokenizer: Any = None) -> tuple[str, list[str], bool]:
+    """(prompt text, the answer strings in ``PUBMEDQA_LABELS`` order, whether the start token goes first).
+
+    ``context``: ``Context: ...\nQuestion: ...\nAnswer:`` then `` yes``/`` no``/`` maybe``;
+    ``abstract``: the same with ``Abstract:`` (lm-evaluation-harness's ``pubmedqa`` task wording);
+    ``chat``: the tokenizer's chat template around ``Context: ...\nQuestion: ...\nAnswer with yes, no
+    or maybe.``, the answer being the assistant's first word ``yes``/``no``/``maybe``.
+    """
     ctx = example["context"]
     if not isinstance(ctx, str):
         ctx = " ".join(ctx)
-    return f"Context: {ctx}\nQuestion: {example['question']}\nAnswer:"
+    q = example["question"]
+    if fmt == "context":
+        return f"Context: {ctx}\nQuestion: {q}\nAnswer:", [" " + a for a in PUBMEDQA_LABELS], True
+    if fmt == "abstract":
+        return f"Abstract: {ctx}\nQuestion: {q}\nAnswer:", [" " + a for a in PUBMEDQA_LABELS], True
+    if fmt == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise MetricsError("pubmedqa format 'chat': the tokenizer has no chat template (use eval.pubmedqa_format="
+                               "context or abstract)")
+        msg = f"Context: {ctx}\nQuestion: {q}\nAnswer with yes, no or maybe."
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                               add_generation_prompt=True)
+        return prompt, list(PUBMEDQA_LABELS), False
+    raise MetricsError(f"pubmedqa format {fmt!r}: expected one of {PUBMEDQA_FORMATS}")
 
 
 def _answer_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
@@ -331,7 +400,7 @@ def _answer_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], answer: str)
 
 def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, device: Any = None,
                       batch_size: int = 4, max_len: Optional[int] = None, labels: Sequence[str] = PUBMEDQA_LABELS,
-                      desc: str = "pubmedqa", progress: bool = True) -> dict:
+                      fmt: str = "context", desc: str = "pubmedqa", progress: bool = True) -> dict:
     """Zero-shot accuracy: the answer (" yes"/" no"/" maybe") with the highest summed log-likelihood wins.
 
     ``examples``: dicts with ``question``, ``context`` (str or list of str), ``label`` (one of
@@ -347,7 +416,6 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
     limit = min(max_len, mp) if (max_len and mp) else (max_len or mp or 2048)
     start = start_token_id(tokenizer)
     vocab = model_vocab_size(model)
-    answers = [" " + a for a in labels]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None and 0 <= pad < vocab else 0
 
@@ -360,21 +428,23 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
                 raise MetricsError(f"pubmedqa example {ex.get('id', ei)}: missing key '{key}'")
         if ex["label"] not in labels:
             raise MetricsError(f"pubmedqa example {ex.get('id', ei)}: label {ex['label']!r} not in {tuple(labels)}")
-        prompt = pubmedqa_prompt(ex)
+        prompt, answers, use_start = pubmedqa_prompt(ex, fmt, tokenizer)
+        answers = answers if tuple(labels) == PUBMEDQA_LABELS else [("" if fmt == "chat" else " ") + a for a in labels]
         p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         a_ids = [_answer_ids(tokenizer, prompt, p_ids, a) for a in answers]
         if any(len(a) == 0 for a in a_ids):
             raise MetricsError(f"pubmedqa: the tokenizer gives no tokens for one of {answers}")
         if ei == 0:
             answer_tokens = {lab: ids for lab, ids in zip(labels, a_ids)}
-        budget = limit - (1 if start is not None else 0) - max(len(a) for a in a_ids)
+        st = start if use_start else None  # a chat template brings its own start
+        budget = limit - (1 if st is not None else 0) - max(len(a) for a in a_ids)
         if budget < 1:
             raise MetricsError(f"pubmedqa: max_len {limit} leaves no room for the prompt")
         if len(p_ids) > budget:
             p_ids = p_ids[-budget:]
             truncated += 1
-        base = ([start] if start is not None else []) + p_ids
-        if start is None and len(base) == 0:
+        base = ([st] if st is not None else []) + p_ids
+        if len(base) == 0:
             raise MetricsError(f"pubmedqa example {ex.get('id', ei)}: empty prompt")
         check_token_range(base + [t for a in a_ids for t in a], vocab, model, tokenizer)
         last = len(base) - 1
@@ -486,15 +556,20 @@ def stratified_sample(ids_by_label: dict[str, list[str]], n: int, seed: int) -> 
     return sorted(chosen, key=_id_key)
 
 
-def load_pubmedqa(pqal_path: Any, test_ids_path: Any = None, n: int = 0, seed: int = 0) -> list[dict]:
+def load_pubmedqa(pqal_path: Any, test_ids_path: Any = None, n: int = 0, seed: int = 0,
+                  split: str = "test") -> list[dict]:
     """PubMedQA-L examples ``{id, question, context, label}`` for the IDs of ``test_ids_path``.
 
     ``pqal_path``: ori_pqal.json (id -> {QUESTION, CONTEXTS: [str], final_decision, ...}).
     ``test_ids_path``: test_ground_truth.json (id -> label; a list of ids also works) or None for
     every id of ``pqal_path``. ``n`` > 0 and below the number of ids: a seeded sample stratified
     by label (the official file is sorted by label, so its first N ids would all be "yes").
+    ``split="train"``: the ids of ``pqal_path`` that are NOT in ``test_ids_path`` (labels from
+    ``final_decision``), for choosing settings without touching the test questions.
     Returned in id order. Raises ``PubMedQAError`` naming the file on any problem.
     """
+    if split not in ("test", "train"):
+        raise PubMedQAError(f"load_pubmedqa: split {split!r}, expected 'test' or 'train'")
     pqal = _read_json(pqal_path, "PubMedQA ori_pqal.json")
     if not isinstance(pqal, dict) or not pqal:
         raise PubMedQAError(f"{pqal_path}: expected a non-empty JSON object of id -> record")
@@ -506,6 +581,10 @@ def load_pubmedqa(pqal_path: Any, test_ids_path: Any = None, n: int = 0, seed: i
             raise PubMedQAError(f"{test_ids_path}: expected a non-empty JSON object of id -> label (or a list of ids)")
     else:
         test = {k: None for k in pqal}
+    if split == "train":
+        test = {k: None for k in pqal if k not in {str(i) for i in test}} if test_ids_path is not None else {}
+        if not test:
+            raise PubMedQAError(f"{pqal_path}: no training-split questions (every id is a test id, or no test ids given)")
     examples: dict[str, dict] = {}
     for qid, lab in test.items():
         qid = str(qid)

@@ -52,7 +52,8 @@ class Stage:
 STAGES: list[Stage] = [
     Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir"), cached=False),
     Stage("corpus", corpus.run, (), ("corpus", "eval_corpus", "corpus_text_field", "corpus_bytes", "holdout_ids",
-                                     "holdout_fraction")),
+                                     "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
+                                     "eval.pubmedqa_test_ids")),
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
     Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
     Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),
@@ -60,8 +61,9 @@ STAGES: list[Stage] = [
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),
-    Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "init"), ("eval", "init_methods",
-                                                                                         "hardware.dtype")),
+    Stage("evaluate_source", evaluate.run_source, ("corpus", "source"), ("eval", "hardware.dtype", "seed")),
+    Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "init", "evaluate_source"),
+          ("eval", "init_methods", "hardware.dtype", "seed")),
     Stage("train_stage1", launched(train.run_stage1), ("corpus", "tokenize", "init"),
           ("lr_stage1", "steps_stage1", "train", "lr_schedule", "seed", "hardware.dtype"),
           resumable=True, when=lambda cfg: cfg.steps_stage1 > 0),
@@ -69,8 +71,9 @@ STAGES: list[Stage] = [
           ("lr_stage2", "steps_stage2", "train_start_idx_stage2", "stage2_use_lora", "train", "lr_schedule", "seed",
            "hardware.dtype", "steps_stage1"),
           resumable=True, when=lambda cfg: cfg.steps_stage2 > 0),
-    Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "train_stage1", "train_stage2"),
-          ("eval", "hardware.dtype"), cached=False),
+    Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "evaluate_source", "evaluate_init",
+                                           "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),
+          cached=False),
 ]
 
 

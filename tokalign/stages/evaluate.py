@@ -1,20 +1,30 @@
-"""Stages ``evaluate_init`` and ``evaluate``: bits per byte and PubMedQA accuracy.
+"""Stages ``evaluate_source``, ``evaluate_init`` and ``evaluate``: bits per byte with intervals, PubMedQA.
 
-``evaluate_init`` (``run_init``, cached) scores the source model under its own tokenizer and
-every initialisation method under the target tokenizer on the same eval texts, so the bpb
-values compare across tokenizers. Writes ``bpb.json`` and ``bpb_by_method.png``.
+Every model is scored on the same eval documents (the first ``eval.max_eval_samples`` of
+``corpus/eval.jsonl``), each under its own tokenizer, so bits per byte compare across tokenizers.
+Every figure carries a 95% bootstrap interval over documents, and every comparison a paired one
+on the same documents (``tokalign/stats.py``); "A beats B" is logged only when that interval
+excludes 0.
 
-``evaluate`` (``run_final``, runs every time) scores the trained models (stage 1, stage 2),
-measures PubMedQA accuracy of the source, the primary init and the final adapted model, draws
-``recovery.png`` in the run directory and logs a table of greedy generations. It is fail-soft
-about its data: a missing eval corpus or PubMedQA file is recorded as ``bpb/error`` /
-``pubmedqa/error`` (and in the list ``eval/errors``) instead of raising, so a finished training
-run is never lost to an evaluation file.
+* ``evaluate_source`` (``run_source``, cached: its key does not depend on the target tokenizer, so
+  runs that share the source and the eval text score it once) scores the source model and its
+  PubMedQA accuracy.
+* ``evaluate_init`` (``run_init``, cached) scores every initialisation method, compares every pair
+  and each against the source, and scores PubMedQA for the initialised (primary) model. Writes
+  ``bpb.json`` and ``bpb_by_method.png``.
+* ``evaluate`` (``run_final``, runs every time) scores the trained models, compares them with the
+  initialised model and the source, scores PubMedQA for the final model, draws ``recovery.png``
+  and logs a table of greedy generations. It is fail-soft about its data: a missing eval corpus
+  or PubMedQA file is recorded as ``bpb/error`` / ``pubmedqa/error`` (and in ``eval/errors``)
+  instead of raising, so a finished training run is never lost to an evaluation file.
 
-Metrics: ``bpb/source``, ``bpb/init/<method>``, ``bpb/init_best``, ``eval/bytes``,
-``eval/docs``, ``eval/source_tokens``, ``eval/target_tokens`` (init); ``bpb/stage1``,
-``bpb/stage2``, ``bpb/final``, ``pubmedqa/acc/{source,init,stage1|stage2,final}``,
-``pubmedqa/n`` (final).
+Metrics: ``bpb/<model>`` and ``bpb/<model>/ci95`` (``source``, ``init/<method>``, ``stage1``,
+``stage2``, ``final``), ``bpb/paired/<a>_vs_<b>`` (bpb(a) - bpb(b)) with ``/ci95`` and ``/verdict``,
+``bpb/init_best``, ``eval/{docs,bytes,source_tokens,target_tokens}``, ``eval/roundtrip_mismatch/<side>``,
+``pubmedqa/n``, ``pubmedqa/majority_rate``, ``pubmedqa/acc/<model>`` with ``/ci95``,
+``pubmedqa/macro_f1/<model>``, ``eval/final_model``.
+
+Run alone:  python -m tokalign   (the pipeline runs these after ``init`` and the training stages)
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import Any, Optional
 import torch
 
 from tokalign import metrics as M
-from tokalign import refs
+from tokalign import refs, stats
+from tokalign.artifacts import ArtifactError, read_texts
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
@@ -48,50 +59,44 @@ class EvalInputError(TokalignError, ValueError):
 
 
 def _setup_torch(cfg: Any) -> None:
-    threads = int(getattr(cfg.hardware, "torch_threads", 0) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if cfg.hardware.torch_threads > 0:
+        torch.set_num_threads(cfg.hardware.torch_threads)
 
 
-def read_eval_texts(path: Path, max_docs: int = 0, required: bool = True) -> list[str]:
-    """Texts of the first ``max_docs`` records (0 = all) of a ``{"id", "text"}`` JSONL file, in file order.
-    ``required=False``: a missing file or one without text gives ``[]`` instead of an error."""
-    if not path.is_file():
-        if not required:
-            return []
-        raise EvalInputError(f"{path}: no such file (the eval corpus written by stage 'corpus')")
-    texts: list[str] = []
+def _need(ctx: Any, name: str) -> Path:
+    p = ctx.path(name)
+    if p is None:
+        raise EvalInputError(f"this stage needs the output of stage '{name}', which did not run")
+    return Path(p)
+
+
+def eval_texts(cfg: Any, ctx: Any) -> list[str]:
+    """The documents every model is scored on: the first ``eval.max_eval_samples`` of ``corpus/eval.jsonl`` (or of
+    ``dev.jsonl`` with ``eval.split=dev``, when choosing settings), each cut to its first ``eval.max_doc_bytes``
+    bytes (at a space) when that is set."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if max_docs and len(texts) >= max_docs:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalInputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise EvalInputError(f"{path}:{n}: expected an object with a string 'text'")
-                texts.append(rec["text"])
-    except (OSError, UnicodeDecodeError) as e:
+        texts = read_texts(_need(ctx, "corpus") / f"{cfg.eval.split}.jsonl", cfg.eval.max_eval_samples)
+    except ArtifactError as e:
+        raise EvalInputError(str(e)) from e
+    return [M.head_bytes(t, cfg.eval.max_doc_bytes) for t in texts] if cfg.eval.max_doc_bytes else texts
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise EvalInputError(f"{path}: no such file ({what})") from e
+    except (OSError, json.JSONDecodeError) as e:
         raise EvalInputError(f"{path}: unreadable ({e})") from e
-    if not texts or not any(texts):
-        if not required:
-            return []
-        raise EvalInputError(f"{path}: no non-empty documents to score")
-    return texts
 
 
 def _load(model_dir: Path, cfg: Any) -> tuple[Any, Any]:
     if not model_dir.is_dir():
         raise EvalInputError(f"{model_dir}: no such model folder")
     model = refs.load_model(str(model_dir), dtype=cfg.hardware.dtype, device=cfg.hardware.device,
-                            attn_implementation=getattr(cfg.hardware, "attn_implementation", None),
-                            allow_pickle=getattr(cfg, "allow_pickle", False),
-                            trust_remote_code=getattr(cfg, "trust_remote_code", False))
-    tok = refs.load_tokenizer(str(model_dir), trust_remote_code=getattr(cfg, "trust_remote_code", False))
+                            attn_implementation=cfg.hardware.attn_implementation, allow_pickle=cfg.allow_pickle,
+                            trust_remote_code=cfg.trust_remote_code)
+    tok = refs.load_tokenizer(str(model_dir), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     return model, tok
 
@@ -105,6 +110,65 @@ def _free() -> None:
 def _bpb(model: Any, tok: Any, texts: list[str], cfg: Any, desc: str) -> dict:
     return M.bits_per_byte(model, tok, texts, seq_len=cfg.eval.seq_len, stride=cfg.eval.stride,
                            batch_size=cfg.eval.batch_size, device=cfg.hardware.device, desc=desc)
+
+
+def bpb_metrics(key: str, r: dict, seed: int = 0) -> dict:
+    """``{key: bpb, key/ci95: [lo, hi]}`` from a ``bits_per_byte`` result with per-document figures."""
+    value, ci = stats.bpb_interval(r["doc_bits"], r["doc_bytes"], seed)
+    return {key: value, f"{key}/ci95": ci}
+
+
+def paired_metrics(a: str, b: str, ra: dict, rb: dict, seed: int = 0) -> dict:
+    """``bpb/paired/<a>_vs_<b>`` = bpb(a) - bpb(b) on the same documents, its paired interval and the verdict."""
+    if ra["doc_bytes"] != rb["doc_bytes"]:
+        raise EvalInputError(f"paired comparison {a} vs {b}: the two were scored on different documents")
+    diff, ci = stats.paired_bpb_difference(ra["doc_bits"], rb["doc_bits"], ra["doc_bytes"], seed)
+    key = f"bpb/paired/{a}_vs_{b}"
+    say = stats.verdict(a, b, ci)
+    log.info("bpb %s - %s = %+.4f [%+.4f, %+.4f]: %s", a, b, diff, ci[0], ci[1], say)
+    return {key: diff, f"{key}/ci95": ci, f"{key}/verdict": say}
+
+
+def roundtrip_metrics(tok: Any, texts: list[str], side: str) -> dict:
+    """How many eval texts the tokenizer does not give back unchanged (their bits would cover other text)."""
+    bad = M.roundtrip_mismatches(tok, texts)
+    if bad:
+        log.warning("eval: the %s tokenizer does not round-trip %d of %d eval documents (decode(encode(t)) != t): "
+                    "its bits per byte is counted over slightly different text", side, bad, len(texts))
+    return {f"eval/roundtrip_mismatch/{side}": bad}
+
+
+def pubmedqa_examples(cfg: Any) -> tuple[Optional[list[dict]], dict]:
+    """The seeded, stratified test questions, and metrics (``pubmedqa/n``, majority rate, or ``pubmedqa/error``)."""
+    pq_file, n = cfg.eval.pubmedqa_file, cfg.eval.pubmedqa_samples
+    if not pq_file or n <= 0:
+        return None, {}
+    try:
+        ex = M.load_pubmedqa(pq_file, cfg.eval.pubmedqa_test_ids, n, cfg.seed)
+    except M.PubMedQAError as e:
+        log.warning("evaluate: pubmedqa/error: %s", e)
+        return None, {"pubmedqa/error": str(e)}
+    return ex, {"pubmedqa/n": len(ex), "pubmedqa/majority_rate": stats.majority_rate([e["label"] for e in ex])}
+
+
+def pubmedqa_scores(model: Any, tok: Any, examples: list[dict], cfg: Any, name: str) -> tuple[dict, dict]:
+    """(metrics, detail) of one model: accuracy with its Wilson interval and macro-F1 over yes/no/maybe."""
+    r = M.pubmedqa_accuracy(model, tok, examples, device=cfg.hardware.device, batch_size=cfg.eval.batch_size,
+                            fmt=cfg.eval.pubmedqa_format, desc=f"pubmedqa {name}")
+    labels, preds = [p["label"] for p in r["predictions"]], [p["pred"] for p in r["predictions"]]
+    r["ci95"] = stats.proportion_interval(r["correct"], r["n"])
+    r["macro_f1"] = stats.macro_f1(labels, preds, M.PUBMEDQA_LABELS)
+    log.info("pubmedqa %s: accuracy %.3f [%.3f, %.3f], macro-F1 %.3f (n=%d, predicted %s)", name, r["accuracy"],
+             r["ci95"][0], r["ci95"][1], r["macro_f1"], r["n"], r["pred_counts"])
+    return ({f"pubmedqa/acc/{name}": r["accuracy"], f"pubmedqa/acc/{name}/ci95": r["ci95"],
+             f"pubmedqa/macro_f1/{name}": r["macro_f1"]}, r)
+
+
+def _pubmedqa_row(name: str, r: dict) -> list:
+    return [name, r["accuracy"], r["ci95"][0], r["ci95"][1], r["macro_f1"], r["n"]]
+
+
+PUBMEDQA_COLUMNS = ["model", "accuracy", "ci95_low", "ci95_high", "macro_f1", "n"]
 
 
 def apply_rows(model: Any, rows_path: Path, tied: Optional[bool] = None) -> None:
@@ -139,27 +203,75 @@ def apply_rows(model: Any, rows_path: Path, tied: Optional[bool] = None) -> None
             head.copy_(emb)
 
 
-def _bar_plot(values: dict[str, float], ref: Optional[float], path: Path, title: str) -> None:
+def _interval_plot(values: dict[str, tuple[float, list[float]]], ref: Optional[float], path: Path, title: str,
+                   note: str = "") -> None:
+    """Bars with 95% intervals (``values[name] = (bpb, [lo, hi])``), the source as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(values) + 2), 3.6))
     names = list(values)
-    bars = ax.bar(names, [values[n] for n in names], color="#4878d0")
-    for b, n in zip(bars, names):
-        ax.annotate(f"{values[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                    fontsize=8)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.8))
+    ys = [values[n][0] for n in names]
+    err = [[y - values[n][1][0] for n, y in zip(names, ys)], [values[n][1][1] - y for n, y in zip(names, ys)]]
+    colors = ["#d65f5f" if n == "source" else "#4878d0" for n in names]
+    bars = ax.bar(names, ys, yerr=err, capsize=4, color=colors)
+    for b, n, y in zip(bars, names, ys):
+        ax.annotate(f"{y:.3f}", (b.get_x() + b.get_width() / 2, values[n][1][1]), ha="center", va="bottom", fontsize=8)
     if ref is not None:
-        ax.axhline(ref, color="#d65f5f", ls="--", label=f"source {ref:.3f}")
+        ax.axhline(ref, color="#d65f5f", ls="--", lw=1, label=f"source {ref:.3f}")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_ylabel("bits per byte, 95% interval (lower is better)")
     ax.set_title(title, fontsize=10)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, va="bottom")
     ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _publish_plot(ctx: Any, path: Path, name: str) -> None:
+    if ctx.run_dir is not None:
+        Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
+        if Path(ctx.run_dir) / path.name != path:
+            shutil.copy2(path, Path(ctx.run_dir) / path.name)
+    ctx.tracker.image(name, path)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate_source
+# --------------------------------------------------------------------------------------------
+
+
+def run_source(cfg: Any, ctx: Any, out: Path) -> dict:
+    """Bits per byte (per document) and PubMedQA of the source model under its own tokenizer."""
+    _setup_torch(cfg)
+    texts = eval_texts(cfg, ctx)
+    model, tok = _load(_need(ctx, "source") / "model", cfg)
+    r = _bpb(model, tok, texts, cfg, "bpb source")
+    metrics = {**bpb_metrics("bpb/source", r, cfg.seed), **roundtrip_metrics(tok, texts, "source"),
+               "eval/docs": len(texts), "eval/bytes": r["bytes"], "eval/source_tokens": r["tokens"]}
+    log.info("bpb source: %.4f [%.4f, %.4f] (%d docs, %d tokens, %.0f tok/s)", metrics["bpb/source"],
+             *metrics["bpb/source/ci95"], len(texts), r["tokens"], r["tokens_per_s"])
+    examples, pq = pubmedqa_examples(cfg)
+    metrics.update(pq)
+    detail: dict[str, Any] = {"bpb": {"source": r}, "pubmedqa": {}}
+    if examples is not None:
+        m, detail["pubmedqa"]["source"] = pubmedqa_scores(model, tok, examples, cfg, "source")
+        metrics.update(m)
+    try:  # the source's sample generations, shown next to the final model's by stage evaluate
+        samples = dict(zip(SAMPLE_PROMPTS, generate_samples(model, tok, device=cfg.hardware.device)))
+    except Exception as e:  # samples are illustrative; never fail the stage for them
+        log.warning("evaluate_source: no sample generations: %s: %s", type(e).__name__, e)
+        samples = {}
+    (out / "bpb.json").write_text(json.dumps(detail["bpb"], indent=1))
+    (out / "pubmedqa.json").write_text(json.dumps(detail["pubmedqa"], indent=1))
+    (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    del model
+    _free()
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,69 +279,86 @@ def _bar_plot(values: dict[str, float], ref: Optional[float], path: Path, title:
 # --------------------------------------------------------------------------------------------
 
 
-def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
-    """Bits per byte of the source model and of every initialisation method, on the same eval texts."""
-    _setup_torch(cfg)
-    corpus_dir, source_dir, init_dir = ctx.path("corpus"), ctx.path("source"), ctx.path("init")
-    for name, p in (("corpus", corpus_dir), ("source", source_dir), ("init", init_dir)):
-        if p is None:
-            raise EvalInputError(f"evaluate_init needs the output of stage '{name}', which did not run")
-    texts = read_eval_texts(Path(corpus_dir) / "eval.jsonl", cfg.eval.max_eval_samples)
-    info_path = Path(init_dir) / "info.json"
-    try:
-        info = json.loads(info_path.read_text())
-    except FileNotFoundError as e:
-        raise EvalInputError(f"{info_path}: no such file (written by stage 'init')") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvalInputError(f"{info_path}: unreadable ({e})") from e
+def _init_info(init_dir: Path) -> dict:
+    info = _read_json(init_dir / "info.json", "written by stage 'init'")
     methods = info.get("methods") if isinstance(info, dict) else None
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
-        raise EvalInputError(f"{info_path}: expected key 'methods' with a non-empty list of method names")
+        raise EvalInputError(f"{init_dir / 'info.json'}: expected key 'methods' with a non-empty list of method names")
+    return info
 
-    model, tok = _load(Path(source_dir) / "model", cfg)
-    src = _bpb(model, tok, texts, cfg, "bpb source")
-    log.info("bpb source: %.4f (%d tokens, %.0f tok/s)", src["bpb"], src["tokens"], src["tokens_per_s"])
-    del model
-    _free()
 
-    model, tok = _load(Path(init_dir) / "model", cfg)
+def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tuple[dict[str, dict], dict]:
+    """Per-method bits-per-byte results (the rows of each method applied in turn), and the round-trip check."""
+    model, tok = _load(init_dir / "model", cfg)
     tied = info.get("tied")
     per_method: dict[str, dict] = {}
-    for m in methods:
-        apply_rows(model, Path(init_dir) / "rows" / f"{m}.safetensors", tied if isinstance(tied, bool) else None)
+    for m in info["methods"]:
+        apply_rows(model, init_dir / "rows" / f"{m}.safetensors", tied if isinstance(tied, bool) else None)
         per_method[m] = _bpb(model, tok, texts, cfg, f"bpb init/{m}")
-        log.info("bpb init/%s: %.4f", m, per_method[m]["bpb"])
+        log.info("bpb init/%s: %.4f (%d tokens, %.0f tok/s)", m, per_method[m]["bpb"], per_method[m]["tokens"],
+                 per_method[m]["tokens_per_s"])
+    rt = roundtrip_metrics(tok, texts, "target")
     del model
     _free()
+    return per_method, rt
 
-    metrics: dict[str, Any] = {"bpb/source": src["bpb"]}
+
+def _init_pubmedqa(cfg: Any, init_dir: Path) -> tuple[dict, dict]:
+    """PubMedQA of the initialised model as saved (the primary method's rows)."""
+    examples, metrics = pubmedqa_examples(cfg)
+    if examples is None:
+        return metrics, {}
+    model, tok = _load(init_dir / "model", cfg)
+    m, r = pubmedqa_scores(model, tok, examples, cfg, "init")
+    del model
+    _free()
+    return {**metrics, **m}, {"init": r}
+
+
+def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
+    """Bits per byte of every initialisation method on the source's documents, every pair compared."""
+    _setup_torch(cfg)
+    texts = eval_texts(cfg, ctx)
+    init_dir = _need(ctx, "init")
+    info = _init_info(init_dir)
+    src = _read_json(_need(ctx, "evaluate_source") / "bpb.json", "written by stage 'evaluate_source'")["source"]
+    per_method, metrics = _score_methods(cfg, init_dir, info, texts)
     for m, r in per_method.items():
-        metrics[f"bpb/init/{m}"] = r["bpb"]
+        metrics.update(bpb_metrics(f"bpb/init/{m}", r, cfg.seed))
+    methods = list(per_method)
+    for i, a in enumerate(methods):
+        metrics.update(paired_metrics(a, "source", per_method[a], src, cfg.seed))
+        for b in methods[i + 1:]:
+            metrics.update(paired_metrics(a, b, per_method[a], per_method[b], cfg.seed))
     best = min(per_method, key=lambda m: per_method[m]["bpb"])
-    metrics["bpb/init_best"] = per_method[best]["bpb"]
-    any_target = next(iter(per_method.values()))
-    metrics.update({"eval/bytes": src["bytes"], "eval/docs": len(texts), "eval/source_tokens": src["tokens"],
-                    "eval/target_tokens": any_target["tokens"]})
-
-    detail = {"source": src, "init": per_method, "primary": info.get("primary"), "best_method": best,
-              "docs": len(texts), "bytes": src["bytes"],
-              "settings": {"seq_len": cfg.eval.seq_len, "stride": cfg.eval.stride, "batch_size": cfg.eval.batch_size,
-                           "max_eval_samples": cfg.eval.max_eval_samples, "dtype": cfg.hardware.dtype}}
+    metrics.update({"bpb/init_best": metrics[f"bpb/init/{best}"], "eval/target_tokens": per_method[best]["tokens"]})
+    pq_metrics, pq_detail = _init_pubmedqa(cfg, init_dir)
+    metrics.update(pq_metrics)
+    detail = {"init": per_method, "primary": info.get("primary"), "best_method": best, "docs": len(texts),
+              "pubmedqa": pq_detail, "settings": {"seq_len": cfg.eval.seq_len, "stride": cfg.eval.stride,
+                                                  "max_eval_samples": cfg.eval.max_eval_samples,
+                                                  "dtype": cfg.hardware.dtype}}
     (out / "bpb.json").write_text(json.dumps(detail, indent=1))
+    _init_report(ctx, out, metrics, methods, len(texts))
+    return metrics
 
+
+def _init_report(ctx: Any, out: Path, metrics: dict, methods: list[str], n_docs: int) -> None:
+    """``bpb_by_method.png`` with intervals and the W&B table (source figures come from ``evaluate_source``)."""
+    src = (ctx.metrics.get("bpb/source"), ctx.metrics.get("bpb/source/ci95"))
+    values = {m: (metrics[f"bpb/init/{m}"], metrics[f"bpb/init/{m}/ci95"]) for m in methods}
+    wins = [metrics[k] for k in metrics if k.endswith("/verdict") and " beats " in metrics[k]
+            and "source" not in metrics[k]]
     plot = out / "bpb_by_method.png"
     try:
-        _bar_plot({m: r["bpb"] for m, r in per_method.items()}, src["bpb"], plot,
-                  f"bits per byte after initialisation ({len(texts)} eval docs)")
-        if ctx.run_dir is not None:
-            Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(plot, Path(ctx.run_dir) / plot.name)
-        ctx.tracker.image("bpb_by_method", plot)
+        _interval_plot(values, src[0], plot, f"bits per byte after initialisation ({n_docs} eval docs)",
+                       note="; ".join(wins) or "no method beats another (paired 95% intervals include 0)")
+        _publish_plot(ctx, plot, "bpb_by_method")
     except Exception as e:  # a plot never fails the stage
         log.warning("bpb_by_method.png not written: %s", e)
-    ctx.tracker.table("bpb_by_method", ["method", "bpb"],
-                      [["source", src["bpb"]]] + [[m, r["bpb"]] for m, r in per_method.items()])
-    return metrics
+    rows = [["source", src[0], *(src[1] or [None, None])]] if src[0] is not None else []
+    ctx.tracker.table("bpb_by_method", ["method", "bpb", "ci95_low", "ci95_high"],
+                      rows + [[m, v[0], v[1][0], v[1][1]] for m, v in values.items()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +406,28 @@ def _loss_history(path: Optional[Path]) -> list[tuple[float, float]]:
     return pts
 
 
-def recovery_plot(bars: dict[str, float], curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    """Left: bits per byte by stage; right: training loss curves (stage 2 continues stage 1's step axis)."""
+def _loss_history(path: Optional[Path]) -> list[tuple[float, float]]:
+    if path is None:
+        return []
+    f = Path(path) / "log_history.json"
+    if not f.is_file():
+        return []
+    try:
+        hist = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: unreadable (%s); no loss curve", f, e)
+        return []
+    pts = []
+    for i, h in enumerate(hist if isinstance(hist, list) else []):
+        if isinstance(h, dict) and isinstance(h.get("loss"), (int, float)):
+            pts.append((float(h.get("step", i)), float(h["loss"])))
+    return pts
+
+
+def recovery_plot(bars: dict[str, tuple[float, list[float]]], curves: dict[str, list[tuple[float, float]]],
+                  path: Path) -> None:
+    """Left: bits per byte by stage with 95% intervals; right: training loss curves (stage 2 continues stage 1's
+    step axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,27 +436,27 @@ def recovery_plot(bars: dict[str, float], curves: dict[str, list[tuple[float, fl
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     if bars:
         names = list(bars)
+        ys = [bars[n][0] for n in names]
+        err = [[y - bars[n][1][0] for n, y in zip(names, ys)], [bars[n][1][1] - y for n, y in zip(names, ys)]]
         colors = ["#d65f5f" if n == "source" else "#4878d0" for n in names]
-        bs = a1.bar(names, [bars[n] for n in names], color=colors)
-        for b, n in zip(bs, names):
-            a1.annotate(f"{bars[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                        va="bottom", fontsize=8)
+        bs = a1.bar(names, ys, yerr=err, capsize=4, color=colors)
+        for b, n, y in zip(bs, names, ys):
+            a1.annotate(f"{y:.3f}", (b.get_x() + b.get_width() / 2, bars[n][1][1]), ha="center", va="bottom",
+                        fontsize=8)
         if "source" in bars:
-            a1.axhline(bars["source"], color="#d65f5f", ls="--", lw=1)
+            a1.axhline(bars["source"][0], color="#d65f5f", ls="--", lw=1)
         a1.tick_params(axis="x", labelrotation=20)
     else:
         a1.text(0.5, 0.5, "no bits-per-byte values", ha="center", va="center", transform=a1.transAxes)
-    a1.set_ylabel("bits per byte (lower is better)")
+    a1.set_ylabel("bits per byte, 95% interval (lower is better)")
     a1.set_title("recovery: bits per byte by stage", fontsize=10)
-    offset = 0.0
-    drawn = False
+    offset, drawn = 0.0, False
     for name, pts in curves.items():
         if not pts:
             continue
         xs = [x + offset for x, _ in pts]
         a2.plot(xs, [y for _, y in pts], label=name, lw=1.2)
-        offset = max(xs)
-        drawn = True
+        offset, drawn = max(xs), True
     if drawn:
         a2.legend(fontsize=8)
     else:
@@ -320,78 +469,86 @@ def recovery_plot(bars: dict[str, float], curves: dict[str, list[tuple[float, fl
     plt.close(fig)
 
 
+def _upstream(ctx: Any) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
+    """Per-document bits-per-byte results ({"source", "init"}), PubMedQA details and the source's sample
+    generations, from the upstream evaluations."""
+    bpb: dict[str, dict] = {}
+    pq: dict[str, dict] = {}
+    samples: dict[str, str] = {}
+    src, ini = ctx.path("evaluate_source"), ctx.path("evaluate_init")
+    if src is not None and (Path(src) / "bpb.json").is_file():
+        bpb["source"] = _read_json(Path(src) / "bpb.json", "evaluate_source")["source"]
+        pq.update(_read_json(Path(src) / "pubmedqa.json", "evaluate_source"))
+        if (Path(src) / "samples.json").is_file():
+            samples = _read_json(Path(src) / "samples.json", "evaluate_source")
+    if ini is not None and (Path(ini) / "bpb.json").is_file():
+        d = _read_json(Path(ini) / "bpb.json", "evaluate_init")
+        if d.get("primary") in d.get("init", {}):
+            bpb["init"] = d["init"][d["primary"]]
+        pq.update(d.get("pubmedqa", {}))
+    return bpb, pq, samples
+
+
+def _compare_trained(name: str, r: dict, upstream: dict[str, dict], seed: int) -> dict:
+    """A trained model against every earlier model scored on the same documents."""
+    out: dict[str, Any] = {}
+    for other, ro in upstream.items():
+        if ro["doc_bytes"] == r["doc_bytes"]:
+            out.update(paired_metrics(name, other, r, ro, seed))
+        else:
+            log.warning("evaluate: %s vs %s not compared: scored on different documents", name, other)
+    return out
+
+
+def _final_model(ctx: Any) -> tuple[list[tuple[str, Path]], Optional[str]]:
+    trained = [(n, Path(p) / "model") for n in ("stage1", "stage2") if (p := ctx.path(f"train_{n}")) is not None]
+    final = trained[-1][0] if trained else ("init" if ctx.path("init") is not None else None)
+    return trained, final
+
+
 def run_final(cfg: Any, ctx: Any, out: Path) -> dict:
-    """Bits per byte of the trained models, PubMedQA accuracy, the recovery plot and sample generations."""
+    """Bits per byte of the trained models against init and source, PubMedQA of the final model, plots, samples."""
     _setup_torch(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     errors: list[str] = []
-    detail: dict[str, Any] = {"bpb": {}, "pubmedqa": {}, "samples": {}}
 
     def record(key: str, msg: str) -> None:
         metrics[key] = msg
         errors.append(f"{key}: {msg}")
         log.warning("evaluate: %s: %s", key, msg)
 
-    src_dir = ctx.path("source")
-    init_dir = ctx.path("init")
-    s1, s2 = ctx.path("train_stage1"), ctx.path("train_stage2")
-    models: list[tuple[str, Path]] = []  # (name, model folder) in evaluation order
-    if src_dir is not None:
-        models.append(("source", Path(src_dir) / "model"))
-    if init_dir is not None:
-        models.append(("init", Path(init_dir) / "model"))
-    if s1 is not None:
-        models.append(("stage1", Path(s1) / "model"))
-    if s2 is not None:
-        models.append(("stage2", Path(s2) / "model"))
-    final_name = next((n for n in ("stage2", "stage1", "init") if any(m == n for m, _ in models)), None)
-
-    # eval texts: only the trained models need scoring here (source and init were scored by evaluate_init)
+    trained, final_name = _final_model(ctx)
     texts: Optional[list[str]] = None
-    if s1 is not None or s2 is not None:
-        corpus_dir = ctx.path("corpus")
+    if trained:
         try:
-            if corpus_dir is None:
-                raise EvalInputError("stage 'corpus' did not run: no eval texts")
-            texts = read_eval_texts(Path(corpus_dir) / "eval.jsonl", cfg.eval.max_eval_samples)
+            texts = eval_texts(cfg, ctx)
         except EvalInputError as e:
             record("bpb/error", str(e))
-
-    # PubMedQA examples
-    examples: Optional[list[dict]] = None
-    pq_file, pq_n = cfg.eval.pubmedqa_file, cfg.eval.pubmedqa_samples
-    if pq_file and pq_n > 0:
-        try:
-            examples = M.load_pubmedqa(pq_file, cfg.eval.pubmedqa_test_ids, pq_n, getattr(cfg, "seed", 0))
-            metrics["pubmedqa/n"] = len(examples)
-        except M.PubMedQAError as e:
-            record("pubmedqa/error", str(e))
-    else:
-        log.info("evaluate: PubMedQA skipped (eval.pubmedqa_file is unset or eval.pubmedqa_samples is 0)")
-
-    pq_models = {"source", "init", final_name}
-    sample_rows: list[list[str]] = []
+    upstream_bpb, pq_detail, source_samples = _upstream(ctx)
+    examples, pq = pubmedqa_examples(cfg) if trained else (None, {})
+    if "pubmedqa/error" in pq:
+        record("pubmedqa/error", pq.pop("pubmedqa/error"))
+    metrics.update(pq)
+    detail: dict[str, Any] = {"bpb": {}, "pubmedqa": pq_detail, "samples": {"source": source_samples}}
+    sample_rows: list[list[str]] = [["source", p, g] for p, g in source_samples.items()]
+    models = list(trained)
+    if not trained and ctx.path("init") is not None:
+        models.append(("init", Path(ctx.path("init")) / "model"))
     for name, mdir in models:
-        need_bpb = texts is not None and name in ("stage1", "stage2")
-        need_pq = examples is not None and name in pq_models
-        need_gen = name in ("source", final_name)
-        if not (need_bpb or need_pq or need_gen):
-            continue
         model, tok = _load(mdir, cfg)
-        if need_bpb:
+        if texts is not None and name in ("stage1", "stage2"):
             r = _bpb(model, tok, texts, cfg, f"bpb {name}")
-            metrics[f"bpb/{name}"] = r["bpb"]
             detail["bpb"][name] = r
-            log.info("bpb %s: %.4f", name, r["bpb"])
-        if need_pq:
-            r = M.pubmedqa_accuracy(model, tok, examples, device=cfg.hardware.device, batch_size=cfg.eval.batch_size,
-                                    desc=f"pubmedqa {name}")
-            metrics[f"pubmedqa/acc/{name}"] = r["accuracy"]
-            detail["pubmedqa"][name] = r
-            log.info("pubmedqa %s: %.3f (n=%d, predicted %s)", name, r["accuracy"], r["n"], r["pred_counts"])
-        if need_gen:
+            metrics.update(bpb_metrics(f"bpb/{name}", r, cfg.seed))
+            metrics.update(_compare_trained(name, r, {**upstream_bpb, **{k: v for k, v in detail["bpb"].items()
+                                                                           if k != name}}, cfg.seed))
+            log.info("bpb %s: %.4f [%.4f, %.4f]", name, metrics[f"bpb/{name}"], *metrics[f"bpb/{name}/ci95"])
+        if examples is not None and name == final_name:
+            m, pq_detail[name] = pubmedqa_scores(model, tok, examples, cfg, name)
+            metrics.update(m)
+        if name == final_name:
             try:
                 gens = generate_samples(model, tok, device=cfg.hardware.device)
                 detail["samples"][name] = dict(zip(SAMPLE_PROMPTS, gens))
@@ -400,30 +557,42 @@ def run_final(cfg: Any, ctx: Any, out: Path) -> dict:
                 record(f"samples/error/{name}", f"{type(e).__name__}: {e}")
         del model, tok
         _free()
+    _final_summary(metrics, final_name)
+    _final_report(ctx, metrics, detail, sample_rows, record)
+    if errors:
+        metrics["eval/errors"] = errors
+    detail["metrics"] = metrics
+    (out / "final.json").write_text(json.dumps(detail, indent=1, default=str))
+    return metrics
 
-    if final_name is not None:
-        metrics["eval/final_model"] = final_name
-        if f"bpb/{final_name}" in metrics:
-            metrics["bpb/final"] = metrics[f"bpb/{final_name}"]
-        if f"pubmedqa/acc/{final_name}" in metrics:
-            metrics["pubmedqa/acc/final"] = metrics[f"pubmedqa/acc/{final_name}"]
 
-    # recovery plot: bpb from evaluate_init (ctx.metrics) plus ours, loss curves from the training logs
-    allm = {**getattr(ctx, "metrics", {}), **metrics}
-    bars: dict[str, float] = {}
+def _final_summary(metrics: dict, final_name: Optional[str]) -> None:
+    if final_name is None:
+        return
+    metrics["eval/final_model"] = final_name
+    for what in ("bpb", "pubmedqa/acc"):
+        for suffix in ("", "/ci95"):
+            if f"{what}/{final_name}{suffix}" in metrics:
+                metrics[f"{what}/final{suffix}"] = metrics[f"{what}/{final_name}{suffix}"]
+
+
+def _final_report(ctx: Any, metrics: dict, detail: dict, sample_rows: list, record) -> None:
+    """``recovery.png`` (bits per byte by stage from every evaluate stage, loss curves), W&B tables."""
+    allm = {**ctx.metrics, **metrics}
+    bars: dict[str, tuple[float, list[float]]] = {}
     if isinstance(allm.get("bpb/source"), (int, float)):
-        bars["source"] = float(allm["bpb/source"])
-    inits = {k.split("/", 2)[2]: float(v) for k, v in allm.items()
-             if k.startswith("bpb/init/") and isinstance(v, (int, float))}
+        bars["source"] = (allm["bpb/source"], allm.get("bpb/source/ci95") or [allm["bpb/source"]] * 2)
+    inits = {k.split("/", 2)[2]: v for k, v in allm.items()
+             if k.startswith("bpb/init/") and k.count("/") == 2 and isinstance(v, (int, float))}
     if inits:
         best = min(inits, key=inits.get)
-        bars[f"best init ({best})"] = inits[best]
+        bars[f"best init ({best})"] = (inits[best], allm.get(f"bpb/init/{best}/ci95") or [inits[best]] * 2)
         if "tokalign" in inits and best != "tokalign":
-            bars["init tokalign"] = inits["tokalign"]
+            bars["init tokalign"] = (inits["tokalign"], allm.get("bpb/init/tokalign/ci95") or [inits["tokalign"]] * 2)
     for n in ("stage1", "stage2"):
         if isinstance(allm.get(f"bpb/{n}"), (int, float)):
-            bars[n] = float(allm[f"bpb/{n}"])
-    curves = {"stage1": _loss_history(s1), "stage2": _loss_history(s2)}
+            bars[n] = (allm[f"bpb/{n}"], allm[f"bpb/{n}/ci95"])
+    curves = {"stage1": _loss_history(ctx.path("train_stage1")), "stage2": _loss_history(ctx.path("train_stage2"))}
     rec = Path(ctx.run_dir) / "recovery.png"
     try:
         Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
@@ -431,14 +600,7 @@ def run_final(cfg: Any, ctx: Any, out: Path) -> dict:
         ctx.tracker.image("recovery", rec)
     except Exception as e:
         record("plot/error", f"recovery.png not written: {type(e).__name__}: {e}")
-
     if sample_rows:
         ctx.tracker.table("samples", ["model", "prompt", "generation"], sample_rows)
     if detail["pubmedqa"]:
-        ctx.tracker.table("pubmedqa", ["model", "accuracy", "n"],
-                          [[n, r["accuracy"], r["n"]] for n, r in detail["pubmedqa"].items()])
-    if errors:
-        metrics["eval/errors"] = errors
-    detail["metrics"] = metrics
-    (out / "final.json").write_text(json.dumps(detail, indent=1, default=str))
-    return metrics
+        ctx.tracker.table("pubmedqa", PUBMEDQA_COLUMNS, [_pubmedqa_row(n, r) for n, r in detail["pubmedqa"].items()])

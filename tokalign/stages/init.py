@@ -16,6 +16,11 @@ treatment from the source head's rows; a tied model stays tied):
   alignments (``src``/``weight`` rows, blended with FVT by ``blend``) and FVT for the rest.
   With a target tokenizer identical to the source one it is a bit-for-bit copy.
 
+Every method, the baselines included, gives the target's document-start token (``metrics.start_token_id``:
+Qwen2's ``<|endoftext|>``) the source's document-start row (SmolLM2's ``<|endoftext|>``): that token is the
+context every evaluated document starts from, so one convention for it makes the methods differ only in
+their other rows (``same_start``).
+
 The vocabulary is ``len(target tokenizer)`` rows, not padded to a multiple of 64.
 
 Writes ``model/`` (the primary method: ``tokalign`` when listed, else the first; safetensors, the
@@ -37,6 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from tokalign import alignment as A
+from tokalign import metrics as M
 from tokalign import refs
 from tokalign.errors import TokalignError
 
@@ -125,6 +131,14 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
     raise InitInputError(f"config key 'init_methods': unknown method {method!r}")
 
 
+def same_start(rows: np.ndarray, matrix: np.ndarray, start: tuple[Optional[int], Optional[int]]) -> None:
+    """The evaluation convention, for every method: the target's document-start token (``metrics.start_token_id``)
+    takes the source's document-start row, so methods are compared on their new rows, not on the start context."""
+    t, s = start
+    if t is not None and s is not None and 0 <= t < rows.shape[0] and 0 <= s < matrix.shape[0]:
+        rows[t] = matrix[s]
+
+
 def _need(ctx: Any, name: str) -> Path:
     p = ctx.path(name)
     if p is None:
@@ -210,15 +224,18 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
                              f"has only {emb.shape[0]} embedding rows")
     special = source_special_mask(v_s, refs.special_token_roles(src_tok), getattr(src_tok, "all_special_ids", []))
 
+    start = (M.start_token_id(tok), M.start_token_id(src_tok))  # (target, source) document-start tokens
     (out / "rows").mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict] = {}
     primary_rows: tuple[np.ndarray, Optional[np.ndarray]] = (np.empty(0), None)
     for m in methods:
         e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special)
+        same_start(e_rows, emb, start)
         tensors = {"embed": np.ascontiguousarray(e_rows)}
         h_rows = None
         if not tied:
             h_rows, _ = build_rows(m, head, al, seed=cfg.seed, salt=1, source_special=special)
+            same_start(h_rows, head, start)
             tensors["lm_head"] = np.ascontiguousarray(h_rows)
         save_file(tensors, str(out / "rows" / f"{m}.safetensors"))
         counts[m] = info
@@ -232,6 +249,7 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
 
     how = al["how"]
     info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
+            "start_token": {"target": start[0], "source": start[1]},
             "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
             "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special"))}}
     (out / "info.json").write_text(json.dumps(info, indent=1))

@@ -18,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from tokalign import refs
-from tokalign.stages.corpus import iter_records, read_jsonl
+from tokalign.artifacts import training_docs
+from tokalign.stages.corpus import iter_records
 
 WORD = re.compile(r"[a-z][a-z0-9\-]{2,}")
 
@@ -57,7 +58,7 @@ def tokens_per_term(tok, terms: list[str]) -> list[int]:
 
 
 def run(cfg, ctx, out: Path) -> dict:
-    texts = [d["text"] for d in read_jsonl(ctx.path("corpus") / "train.jsonl")]
+    texts = [d["text"] for d in training_docs(ctx.path("corpus"))]
     reference = None
     if cfg.terms.reference:
         reference = [t for _, t in iter_records(cfg.terms.reference, cfg.corpus_text_field)]

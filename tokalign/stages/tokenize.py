@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tokalign import refs
-from tokalign.stages.corpus import read_jsonl
+from tokalign.artifacts import training_docs
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run(cfg, ctx, out: Path) -> dict:
     tgt = refs.load_tokenizer(cfg.target_tokenizer, trust_remote_code=cfg.trust_remote_code)
     tgt.save_pretrained(out / "target_tokenizer")
     src = refs.load_tokenizer(str(src_dir))
-    docs = read_jsonl(ctx.path("corpus") / "train.jsonl")
+    docs = training_docs(ctx.path("corpus"))
     texts = [d["text"] for d in docs]
     nbytes = sum(len(t.encode()) for t in texts)
     (s_ids, t_ids), (s_off, t_off), seconds = encode_corpus(

@@ -43,7 +43,7 @@ __all__ = ["TrainInputError", "TrainingDivergedError", "checkpoints", "run_stage
 
 log = logging.getLogger(__name__)
 
-EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many eval documents (the final eval stage uses more)
+EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many dev documents (the final eval stage scores the eval set)
 
 
 class TrainInputError(TokalignError, ValueError):
@@ -84,10 +84,11 @@ def _is_tied(model) -> bool:
 
 
 def _eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
-    """The first ``limit`` eval documents for in-training bits per byte; none when the corpus stage wrote none."""
-    from tokalign.stages.evaluate import read_eval_texts
+    """The first ``limit`` dev documents for in-training bits per byte (never the evaluation documents: settings
+    are chosen on these); none when the corpus stage wrote none."""
+    from tokalign.artifacts import read_texts
 
-    return [] if corpus_dir is None else read_eval_texts(Path(corpus_dir) / "eval.jsonl", limit, required=False)
+    return [] if corpus_dir is None else read_texts(Path(corpus_dir) / "dev.jsonl", limit, required=False)
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -323,7 +324,7 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
                 if was_training:
                     m.train()
     else:
-        log.info("[%s] no eval texts (corpus/eval.jsonl missing or empty): no bits per byte during training", name)
+        log.info("[%s] no dev texts (corpus/dev.jsonl missing or empty): no bits per byte during training", name)
 
     # ---- trainer
     OrderedTrainer, StageCallback = make_trainer_classes()
