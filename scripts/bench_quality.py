@@ -16,6 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokalign.stages.evaluate import paired  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["random", "mean", "fvt", "tokalign_1to1", "tokalign"]
 TARGETS = {"qwen2": "ggml-vocab-qwen2.gguf", "llama-3": "ggml-vocab-llama-bpe.gguf",
@@ -51,15 +55,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
-def _pair(row: dict, a: str, b: str) -> tuple[float, list[float]]:
-    """bpb(a) - bpb(b) with its paired interval, whichever order the stage stored the pair in."""
-    p = row["paired"]
-    if f"bpb/paired/{a}_vs_{b}" in p:
-        return p[f"bpb/paired/{a}_vs_{b}"], p[f"bpb/paired/{a}_vs_{b}/ci95"]
-    d, ci = p[f"bpb/paired/{b}_vs_{a}"], p[f"bpb/paired/{b}_vs_{a}/ci95"]
-    return -d, [-ci[1], -ci[0]]
-
-
 def print_table(rows: list[dict]) -> None:
     """Bits per byte with 95% intervals; the best method is bold only where its paired interval against the
     runner-up excludes 0 (tokalign.stats)."""
@@ -69,7 +64,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|" + "---|" * len(METHODS) + "---|---|")
     for r in rows:
         best, second = sorted(METHODS, key=lambda k: r[k])[:2]
-        d, ci = _pair(r, best, second)
+        d, ci = paired(r["paired"], best, second)
         sure = ci[1] < 0
         cells = [(f"**{r[k]:.4f}**" if k == best and sure else f"{r[k]:.4f}") + f" [{r[k + '_ci95'][0]:.3f}, "
                  f"{r[k + '_ci95'][1]:.3f}]" for k in METHODS]

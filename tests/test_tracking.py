@@ -41,3 +41,15 @@ def test_offline_run_writes_under_run_dir_without_secrets(tmp_path, monkeypatch)
     assert any(p.suffix == ".wandb" for p in files)
     for p in files:
         assert b"tok_supersecret_42" not in p.read_bytes(), p
+
+
+def test_stage_metrics_with_intervals_reach_the_summary_as_numbers(tmp_path):
+    w = SimpleNamespace(mode="offline", project="tokalign-test", entity=None, group=None, tags=[])
+    tr = make_tracker(w, config={}, run_dir=tmp_path, job_type="smoke", name="n", group=None)
+    tr.stage_done({"bpb/source": 1.08, "bpb/source/ci95": [1.04, 1.12],
+                   "bpb/paired/tokalign_vs_fvt/verdict": "tokalign beats fvt", "eval/errors": ["x"]})
+    summary = dict(tr.run.summary)
+    tr.finish()
+    assert summary["bpb/source"] == 1.08
+    assert summary["bpb/source/ci95_low"] == 1.04 and summary["bpb/source/ci95_high"] == 1.12
+    assert summary["bpb/paired/tokalign_vs_fvt/verdict"] == "tokalign beats fvt"

@@ -274,8 +274,11 @@ def make_windows(seq: Sequence[int], seq_len: int, stride: int) -> list[tuple[in
 
 
 def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 1024, stride: int = 512,
-                  batch_size: int = 4, device: Any = None, desc: str = "bpb", progress: bool = True) -> dict:
+                  batch_size: int = 4, device: Any = None, desc: str = "bpb", progress: bool = True,
+                  start: Optional[int] = -1) -> dict:
     """Bits per UTF-8 byte of ``texts`` under ``model`` with ``tokenizer`` (see the module docstring).
+
+    ``start``: the context token put before every document (-1: ``start_token_id(tokenizer)``; None: none).
 
     Returns ``{"doc_bits", "doc_bytes" (per document, for intervals), "bpb", "nll" (nats, total), "bits",
     "bytes", "tokens" (scored), "docs", "windows", "seq_len", "stride", "start_token", "seconds",
@@ -297,7 +300,7 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
     if total_bytes == 0:
         raise MetricsError("bits_per_byte: no text to score (all documents are empty)")
 
-    start = start_token_id(tokenizer)
+    start = start_token_id(tokenizer) if start == -1 else start
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     seqs = [([start] if start is not None else []) + list(ids) for ids in enc]
     vocab = model_vocab_size(model)

@@ -103,7 +103,10 @@ class WandbTracker(NullTracker):
         """A finished stage's numbers: all into the run summary; logged as points too, except under a
         namespace with its own step metric (``stage1/...``), whose points the stage logged itself."""
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.summary(numeric)
+        for k, v in metrics.items():  # intervals as two numbers W&B can chart: bpb/source/ci95_low, ..._high
+            if k.endswith("/ci95") and isinstance(v, (list, tuple)) and len(v) == 2:
+                numeric[f"{k}_low"], numeric[f"{k}_high"] = float(v[0]), float(v[1])
+        self.summary({**numeric, **{k: v for k, v in metrics.items() if k.endswith("/verdict")}})
         points = {k: v for k, v in numeric.items() if k.split("/", 1)[0] not in self._defined}
         if points:
             self.run.log(points)

@@ -219,6 +219,8 @@ def _interval_plot(values: dict[str, tuple[float, list[float]]], ref: Optional[f
     bars = ax.bar(names, ys, yerr=err, capsize=4, color=colors)
     for b, n, y in zip(bars, names, ys):
         ax.annotate(f"{y:.3f}", (b.get_x() + b.get_width() / 2, values[n][1][1]), ha="center", va="bottom", fontsize=8)
+    if max(ys) > 5 * min(ys):  # a random baseline would flatten the others
+        ax.set_yscale("log")
     if ref is not None:
         ax.axhline(ref, color="#d65f5f", ls="--", lw=1, label=f"source {ref:.3f}")
         ax.legend(loc="upper right", fontsize=8)
@@ -343,16 +345,31 @@ def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
     return metrics
 
 
+def paired(metrics: dict, a: str, b: str) -> tuple[float, list[float]]:
+    """bpb(a) - bpb(b) and its paired interval from the metrics, whichever order the pair was stored in."""
+    if f"bpb/paired/{a}_vs_{b}" in metrics:
+        return metrics[f"bpb/paired/{a}_vs_{b}"], metrics[f"bpb/paired/{a}_vs_{b}/ci95"]
+    d, ci = metrics[f"bpb/paired/{b}_vs_{a}"], metrics[f"bpb/paired/{b}_vs_{a}/ci95"]
+    return -d, [-ci[1], -ci[0]]
+
+
+def _best_note(metrics: dict, methods: list[str]) -> str:
+    """The best method against the runner-up, said as the paired interval allows."""
+    if len(methods) < 2:
+        return ""
+    best, second = sorted(methods, key=lambda m: metrics[f"bpb/init/{m}"])[:2]
+    d, ci = paired(metrics, best, second)
+    return f"{stats.verdict(best, second, ci)}: {d:+.4f} bits per byte, paired 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _init_report(ctx: Any, out: Path, metrics: dict, methods: list[str], n_docs: int) -> None:
     """``bpb_by_method.png`` with intervals and the W&B table (source figures come from ``evaluate_source``)."""
     src = (ctx.metrics.get("bpb/source"), ctx.metrics.get("bpb/source/ci95"))
     values = {m: (metrics[f"bpb/init/{m}"], metrics[f"bpb/init/{m}/ci95"]) for m in methods}
-    wins = [metrics[k] for k in metrics if k.endswith("/verdict") and " beats " in metrics[k]
-            and "source" not in metrics[k]]
     plot = out / "bpb_by_method.png"
     try:
         _interval_plot(values, src[0], plot, f"bits per byte after initialisation ({n_docs} eval docs)",
-                       note="; ".join(wins) or "no method beats another (paired 95% intervals include 0)")
+                       note=_best_note(metrics, methods))
         _publish_plot(ctx, plot, "bpb_by_method")
     except Exception as e:  # a plot never fails the stage
         log.warning("bpb_by_method.png not written: %s", e)
@@ -386,24 +403,6 @@ def generate_samples(model: Any, tok: Any, prompts=SAMPLE_PROMPTS, max_new_token
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
             outs.append(tok.decode(y[0, len(ids):].tolist(), skip_special_tokens=True))
     return outs
-
-
-def _loss_history(path: Optional[Path]) -> list[tuple[float, float]]:
-    if path is None:
-        return []
-    f = Path(path) / "log_history.json"
-    if not f.is_file():
-        return []
-    try:
-        hist = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("%s: unreadable (%s); no loss curve", f, e)
-        return []
-    pts = []
-    for i, h in enumerate(hist if isinstance(hist, list) else []):
-        if isinstance(h, dict) and isinstance(h.get("loss"), (int, float)):
-            pts.append((float(h.get("step", i)), float(h["loss"])))
-    return pts
 
 
 def _loss_history(path: Optional[Path]) -> list[tuple[float, float]]:
