@@ -289,32 +289,30 @@ def _init_info(init_dir: Path) -> dict:
     return info
 
 
-def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tuple[dict[str, dict], dict]:
-    """Per-method bits-per-byte results (the rows of each method applied in turn), and the round-trip check."""
+def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tuple[dict[str, dict], dict, dict]:
+    """Per-method bits-per-byte results (the rows of each method applied in turn), the round-trip check, and
+    PubMedQA of the initialised model (the primary method's rows, as saved) on the same loaded model."""
     model, tok = _load(init_dir / "model", cfg)
     tied = info.get("tied")
+    tied = tied if isinstance(tied, bool) else None
     per_method: dict[str, dict] = {}
     for m in info["methods"]:
-        apply_rows(model, init_dir / "rows" / f"{m}.safetensors", tied if isinstance(tied, bool) else None)
+        apply_rows(model, init_dir / "rows" / f"{m}.safetensors", tied)
         per_method[m] = _bpb(model, tok, texts, cfg, f"bpb init/{m}")
         log.info("bpb init/%s: %.4f (%d tokens, %.0f tok/s)", m, per_method[m]["bpb"], per_method[m]["tokens"],
                  per_method[m]["tokens_per_s"])
-    rt = roundtrip_metrics(tok, texts, "target")
+    metrics = roundtrip_metrics(tok, texts, "target")
+    examples, pq = pubmedqa_examples(cfg)
+    metrics.update(pq)
+    pq_detail: dict[str, dict] = {}
+    if examples is not None:
+        primary = info.get("primary") or info["methods"][0]
+        apply_rows(model, init_dir / "rows" / f"{primary}.safetensors", tied)
+        m, pq_detail["init"] = pubmedqa_scores(model, tok, examples, cfg, "init")
+        metrics.update(m)
     del model
     _free()
-    return per_method, rt
-
-
-def _init_pubmedqa(cfg: Any, init_dir: Path) -> tuple[dict, dict]:
-    """PubMedQA of the initialised model as saved (the primary method's rows)."""
-    examples, metrics = pubmedqa_examples(cfg)
-    if examples is None:
-        return metrics, {}
-    model, tok = _load(init_dir / "model", cfg)
-    m, r = pubmedqa_scores(model, tok, examples, cfg, "init")
-    del model
-    _free()
-    return {**metrics, **m}, {"init": r}
+    return per_method, metrics, pq_detail
 
 
 def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
@@ -324,7 +322,7 @@ def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
     init_dir = _need(ctx, "init")
     info = _init_info(init_dir)
     src = _read_json(_need(ctx, "evaluate_source") / "bpb.json", "written by stage 'evaluate_source'")["source"]
-    per_method, metrics = _score_methods(cfg, init_dir, info, texts)
+    per_method, metrics, pq_detail = _score_methods(cfg, init_dir, info, texts)
     for m, r in per_method.items():
         metrics.update(bpb_metrics(f"bpb/init/{m}", r, cfg.seed))
     methods = list(per_method)
@@ -334,8 +332,6 @@ def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
             metrics.update(paired_metrics(a, b, per_method[a], per_method[b], cfg.seed))
     best = min(per_method, key=lambda m: per_method[m]["bpb"])
     metrics.update({"bpb/init_best": metrics[f"bpb/init/{best}"], "eval/target_tokens": per_method[best]["tokens"]})
-    pq_metrics, pq_detail = _init_pubmedqa(cfg, init_dir)
-    metrics.update(pq_metrics)
     detail = {"init": per_method, "primary": info.get("primary"), "best_method": best, "docs": len(texts),
               "pubmedqa": pq_detail, "settings": {"seq_len": cfg.eval.seq_len, "stride": cfg.eval.stride,
                                                   "max_eval_samples": cfg.eval.max_eval_samples,
