@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from tokalign import metrics as M  # noqa: E402
 from tokalign import refs, stats  # noqa: E402
-from tokalign.__main__ import apply_hardware, compose_cli  # noqa: E402
+from tokalign.__main__ import apply_hardware  # noqa: E402
+from tokalign.cli import compose_cli  # noqa: E402
 from tokalign.artifacts import read_texts  # noqa: E402
 from tokalign.pipeline import STAGES, run_pipeline  # noqa: E402
 from tokalign.stages.evaluate import apply_rows  # noqa: E402

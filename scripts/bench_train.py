@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
 
     from tokalign.config import Config, HardwareConfig, LRScheduleConfig, TrainConfig
-    from tokalign.pipeline import Context
+    from tokalign.context import Context
     from tokalign.stages import train
 
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]

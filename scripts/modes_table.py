@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokalign.__main__ import CONF_DIR, compose_cli  # noqa: E402
+from tokalign.cli import CONF_DIR, compose_cli  # noqa: E402
 
 ROWS = [
     ("hardware", lambda c: c.hardware.name), ("corpus_bytes", lambda c: c.corpus_bytes or "all"),

@@ -155,7 +155,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
-    from tokalign.__main__ import compose_cli
+    from tokalign.cli import compose_cli
 
     overrides = overrides or ["mode=research", "hardware=h100"]
     cfg = compose_cli(overrides)

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokalign import stats  # noqa: E402
-from tokalign.__main__ import apply_hardware, compose_cli  # noqa: E402
+from tokalign.__main__ import apply_hardware  # noqa: E402
+from tokalign.cli import compose_cli  # noqa: E402
 from tokalign.pipeline import run_pipeline  # noqa: E402
 
 DEV = ["eval.split=dev", "eval.max_eval_samples=0", "eval.max_doc_bytes=0", "eval.pubmedqa_samples=0",

@@ -14,7 +14,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokalign.config import Config, HardwareConfig, PreflightConfig
-from tokalign.pipeline import Context
+from tokalign.context import Context
 from tokalign.refs import RefError
 from tokalign.stages import preflight, source
 from tokalign.stages.embed import EmbedError, train_vectors

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tokalign.__main__ import CONF_DIR, compose_cli
+from tokalign.cli import CONF_DIR, compose_cli
 from tokalign.config import Config, ConfigError, EmbedConfig, TrainConfig
 
 GROUPS = ["mode", "hardware", "alignment", "lr_schedule"]

@@ -7,11 +7,11 @@ import logging
 import numpy as np
 import pytest
 
+from tokalign.artifacts import ArtifactError, load_stream
 from tokalign.data import (
     DataError,
     PackedSequences,
     block_of,
-    load_token_arrays,
     pack_blocks,
     pack_documents,
     pass_permutation,
@@ -52,19 +52,19 @@ def test_pack_blocks_too_little_data_names_the_file():
         pack_blocks(ids, offsets, EOS, seq_len=16)
 
 
-def test_load_token_arrays_checks_offsets(tmp_path):
+def test_load_stream_checks_offsets(tmp_path):
     _, ids, offsets = _docs([4, 6])
     np.save(tmp_path / "target_ids.npy", ids)
     np.save(tmp_path / "target_offsets.npy", offsets)
-    got_ids, got_off = load_token_arrays(tmp_path)
+    got_ids, got_off = load_stream(tmp_path, "target")
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_off, offsets)
     np.save(tmp_path / "target_offsets.npy", np.array([0, 4, 7]))  # does not end at len(ids)=10
-    with pytest.raises(DataError, match="target_offsets.npy"):
-        load_token_arrays(tmp_path)
+    with pytest.raises(ArtifactError, match="target_offsets.npy"):
+        load_stream(tmp_path, "target")
     (tmp_path / "target_ids.npy").unlink()
-    with pytest.raises(DataError, match="target_ids.npy: missing"):
-        load_token_arrays(tmp_path)
+    with pytest.raises(ArtifactError, match="target_ids.npy: missing"):
+        load_stream(tmp_path, "target")
 
 
 def _blocks(n=10, seq_len=4):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tokalign.config import Config, EmbedConfig
-from tokalign.pipeline import Context
+from tokalign.context import Context
 from tokalign.stages import embed
 
 

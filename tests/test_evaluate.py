@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tokalign import metrics as M
 from tokalign.config import Config, EvalConfig
 from tokalign.stages import evaluate as E
-from tokalign.pipeline import Context
+from tokalign.context import Context
 from tokalign.tracking import NullTracker
 from test_metrics import MarkerModel, byte_tokenizer, word_tokenizer
 

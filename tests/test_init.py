@@ -13,7 +13,7 @@ import pytest
 from tokalign import metrics as M
 from tokalign import alignment as A
 from tokalign.config import AlignmentConfig, Config
-from tokalign.pipeline import Context
+from tokalign.context import Context
 from tokalign.stages import align, init
 
 from test_alignment import CORPUS, make_tokenizer  # noqa: E402

@@ -28,7 +28,7 @@ def test_flops_per_token_follow_the_documented_formulas():
 
 
 def test_projection_uses_the_config_and_the_measured_rates():
-    from tokalign.__main__ import compose_cli
+    from tokalign.cli import compose_cli
 
     m = P.load_measured(MEASURED)
     m.update(compile_warmup_s=70.0, disk_gbps=1.0)

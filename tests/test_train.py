@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from tokalign.config import Config, EvalConfig, LRScheduleConfig, TrainConfig  # noqa: E402
 from tokalign.data import PackedSequences  # noqa: E402
-from tokalign.pipeline import Context  # noqa: E402
+from tokalign.context import Context  # noqa: E402
 from tokalign.stages import train  # noqa: E402
 
 V = 300

@@ -16,14 +16,11 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tokalign.config import Config, ConfigError, register_configs, register_resolvers, to_config
+from tokalign.cli import CONF_DIR
+from tokalign.config import Config, ConfigError, to_config
 from tokalign.errors import TokalignError
 
-register_configs()
-register_resolvers()
-
 log = logging.getLogger("tokalign")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OBJECTIVE_KEYS = ("bpb/stage2", "bpb/stage1", "bpb/init/tokalign")
 
 
@@ -131,14 +128,6 @@ def main_task(dcfg: DictConfig) -> Optional[float]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> Optional[float]:
     return main_task(dcfg)
-
-
-def compose_cli(overrides: list[str]) -> Config:
-    """The validated Config for these overrides, without running anything (for module-level CLIs and tests)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Readers and writers of the artifacts several stages share, so no stage imports another.
+"""Readers and writers of the files several stages share, so no stage imports another.
+
+Corpus files (``iter_records``): ``.txt`` (a document a line), ``.jsonl`` / ``.json`` (records with a
+text field), PubMedQA's ``ori_pqal.json``, ``.csv``, ``.parquet``, a folder of such files, or a hub
+dataset id; the corpus stage reads the training text with it, the terms stage its reference corpus.
+
+Token streams (``save_stream`` / ``load_stream`` / ``docs_of``): the tokenize stage writes
+``<side>_ids.npy`` (uint32) and ``<side>_offsets.npy`` (int64, n_docs + 1) for ``side`` in
+``source`` and ``target``; embed and the training stages read them.
 
 The corpus stage writes, as ``{"id", "text"}`` JSON lines:
 
@@ -17,17 +25,168 @@ if the corpus output was edited or produced by another version.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
 
 from tokalign.errors import TokalignError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
 
 class ArtifactError(TokalignError, ValueError):
     """A shared artifact is missing or malformed, or breaks the train/eval separation; the message names the file."""
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# corpus files (the user's input)
+
+class CorpusError(TokalignError, ValueError):
+    """The corpus cannot be read; the message names the file and what was expected."""
+
+
+class BadRecords:
+    """Records of a corpus that were skipped because they cannot be read: how many, and the first few places."""
+
+    def __init__(self) -> None:
+        self.bad_records = 0
+        self.bad_examples: list[str] = []
+
+    def bad(self, where: str) -> None:
+        self.bad_records += 1
+        if len(self.bad_examples) < 5:
+            self.bad_examples.append(where)
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; unreadable or non-UTF-8 is a ``CorpusError`` naming the file."""
+    try:
+        raw = path.read_bytes()
+    except PermissionError as e:
+        raise CorpusError(f"{path}: file is not readable (permission denied)") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: invalid UTF-8 at byte {e.start} (expected UTF-8 text)") from e
+
+
+def _records_json(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
+    text = read_utf8(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); expected a list of records, "
+                          "a PubMedQA id->record object, or use .jsonl for one record a line") from e
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and "CONTEXTS" in v for v in data.values()):
+        for pid, rec in data.items():  # PubMedQA ori_pqal.json: abstract = the joined CONTEXTS
+            yield str(pid), " ".join(rec["CONTEXTS"])
+        return
+    if isinstance(data, dict):
+        data = data.get("data", data.get("rows", [data]))
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}: expected a JSON list of records with a '{field}' field")
+    for i, rec in enumerate(data):
+        if isinstance(rec, dict) and isinstance(rec.get(field), str):
+            yield str(rec.get("id", i)), rec[field]
+        else:
+            counts.bad(f"{path}: record {i} has no string '{field}' field")
+
+
+def _records_jsonl(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
+    lines = read_utf8(path).split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            counts.bad(f"{path}:{i + 1}: not valid JSON" + (" (truncated last line)" if i >= len(lines) - 2 else ""))
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get(field), str):
+            yield str(rec.get("id", i)), rec[field]
+        else:
+            counts.bad(f"{path}:{i + 1}: no string '{field}' field")
+
+
+def _records_file(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        for i, line in enumerate(read_utf8(path).split("\n")):
+            yield f"{path.name}:{i}", line
+    elif suffix == ".jsonl":
+        yield from _records_jsonl(path, field, counts)
+    elif suffix == ".json":
+        yield from _records_json(path, field, counts)
+    elif suffix == ".csv":
+        text = read_utf8(path)
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise CorpusError(f"{path}: CSV has no '{field}' column (columns: {reader.fieldnames}); set corpus_text_field")
+        for i, row in enumerate(reader):
+            yield str(row.get("id") or i), row[field] or ""
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise CorpusError(f"{path}: not a readable parquet file ({e})") from e
+        if field not in table.column_names:
+            raise CorpusError(f"{path}: parquet has no '{field}' column (columns: {table.column_names}); set corpus_text_field")
+        ids = table.column("id").to_pylist() if "id" in table.column_names else range(table.num_rows)
+        for i, t in zip(ids, table.column(field).to_pylist()):
+            yield str(i), t or ""
+    else:
+        raise CorpusError(f"{path}: unsupported corpus file type '{suffix}' (expected one of {TEXT_SUFFIXES})")
+
+
+def _records_hub(ref: str, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
+    from datasets import load_dataset
+
+    name, _, split = ref.partition(":")
+    from tokalign.refs import retry
+
+    try:
+        ds = retry(lambda: load_dataset(name, split=split or "train", streaming=True), f"hub dataset '{ref}'")
+    except (ConnectionError, TimeoutError, OSError) as e:
+        raise CorpusError(f"hub dataset '{ref}': could not be read after retries: {type(e).__name__}: {e}") from e
+    for i, rec in enumerate(ds):
+        if isinstance(rec.get(field), str):
+            yield str(rec.get("id", i)), rec[field]
+        else:
+            counts.bad(f"{ref}: record {i} has no string '{field}' field")
+
+
+def iter_records(ref: str, field: str = "text", counts: Optional[BadRecords] = None) -> Iterator[tuple[str, str]]:
+    """(id, text) pairs from a file, a folder of files, or a hub dataset id."""
+    counts = counts if counts is not None else BadRecords()
+    p = Path(os.path.expanduser(ref))
+    looks_local = ref.startswith((".", "/", "~")) or p.suffix.lower() in TEXT_SUFFIXES or p.exists()
+    if not looks_local:
+        yield from _records_hub(ref, field, counts)
+        return
+    if not p.exists():
+        raise CorpusError(f"{ref}: no such file or directory (expected a corpus file {TEXT_SUFFIXES}, a folder, or a hub dataset id)")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise CorpusError(f"{ref}: directory holds no corpus files (expected {TEXT_SUFFIXES})")
+        for f in files:
+            yield from _records_file(f, field, counts)
+        return
+    if not os.access(p, os.R_OK):
+        raise CorpusError(f"{ref}: file is not readable (permission denied)")
+    yield from _records_file(p, field, counts)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the corpus stage's output: {"id", "text"} JSON lines
 
 def text_hash(text: str) -> str:
     """Identity of a document's text (whitespace at the ends ignored)."""
@@ -103,3 +262,39 @@ def read_records(path: Path, max_docs: int = 0, required: bool = True) -> list[d
             return []
         raise ArtifactError(f"{path}: no non-empty documents to score")
     return recs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# token streams (the tokenize stage's output)
+
+def save_stream(tokenize_dir: Path, side: str, ids: np.ndarray, offsets: np.ndarray) -> None:
+    """Write ``<side>_ids.npy`` and ``<side>_offsets.npy`` into the tokenize stage's folder."""
+    np.save(Path(tokenize_dir) / f"{side}_ids.npy", ids)
+    np.save(Path(tokenize_dir) / f"{side}_offsets.npy", offsets)
+
+
+def load_stream(tokenize_dir: Union[str, Path], side: str = "target") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of one side (``source`` or ``target``) of the tokenize stage's folder, checked."""
+    d = Path(tokenize_dir)
+    ids_path, off_path = d / f"{side}_ids.npy", d / f"{side}_offsets.npy"
+    for p in (ids_path, off_path):
+        if not p.is_file():
+            raise ArtifactError(f"{p}: missing (expected the tokenize stage's output)")
+    ids = np.load(ids_path, mmap_mode="r")
+    offsets = np.load(off_path)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ArtifactError(f"{ids_path}: expected a flat integer array, got shape {ids.shape} dtype {ids.dtype}")
+    if offsets.ndim != 1 or len(offsets) < 1 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ArtifactError(f"{off_path}: expected a flat integer array of n_docs+1 boundaries, got shape "
+                            f"{offsets.shape}")
+    if offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 0):
+        raise ArtifactError(f"{off_path}: boundaries must start at 0, be non-decreasing and end at len(ids)={len(ids)} "
+                            f"(got first {int(offsets[0])}, last {int(offsets[-1])})")
+    return np.asarray(ids), offsets.astype(np.int64)
+
+
+def docs_of(ids: np.ndarray, offsets: np.ndarray, limit: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Iterate the documents of a flat stream."""
+    n = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
+    for i in range(n):
+        yield ids[offsets[i]:offsets[i + 1]]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -35,25 +33,6 @@ log = logging.getLogger(__name__)
 
 class DataError(TokalignError, ValueError):
     """The training token arrays are missing or malformed; the message names the file."""
-
-
-def load_token_arrays(tokenize_dir: Union[str, Path], prefix: str = "target") -> tuple[np.ndarray, np.ndarray]:
-    """``<prefix>_ids.npy`` and ``<prefix>_offsets.npy`` from the tokenize stage's folder, checked."""
-    d = Path(tokenize_dir)
-    ids_path, off_path = d / f"{prefix}_ids.npy", d / f"{prefix}_offsets.npy"
-    for p in (ids_path, off_path):
-        if not p.is_file():
-            raise DataError(f"{p}: missing (expected the tokenize stage's output)")
-    ids = np.load(ids_path, mmap_mode="r")
-    offsets = np.load(off_path)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise DataError(f"{ids_path}: expected a flat integer array, got shape {ids.shape} dtype {ids.dtype}")
-    if offsets.ndim != 1 or len(offsets) < 1 or not np.issubdtype(offsets.dtype, np.integer):
-        raise DataError(f"{off_path}: expected a flat integer array of n_docs+1 boundaries, got shape {offsets.shape}")
-    if offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 0):
-        raise DataError(f"{off_path}: boundaries must start at 0, be non-decreasing and end at len(ids)={len(ids)} "
-                        f"(got first {int(offsets[0])}, last {int(offsets[-1])})")
-    return np.asarray(ids), offsets.astype(np.int64)
 
 
 def pack_documents(ids: np.ndarray, offsets: np.ndarray, eos_id: int) -> np.ndarray:

@@ -88,7 +88,7 @@ def launched(fn: Callable) -> Callable:
 
 def _child(stage: str, spec_path: Path) -> int:
     from tokalign.config import Config
-    from tokalign.pipeline import Context
+    from tokalign.context import Context
 
     spec = json.loads(spec_path.read_text())
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), spec["config"]))

@@ -20,13 +20,14 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
 from tokalign import cache
+from tokalign.context import Context
 from tokalign.distributed import launched
 from tokalign.config import Config
 from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, terms, tokenize, train
@@ -40,7 +41,7 @@ class Stage:
     """One step of the pipeline."""
 
     name: str
-    run: Callable[[Config, "Context", Path], dict]
+    run: Callable[[Config, Context, Path], dict]
     inputs: tuple[str, ...] = ()  # upstream stages whose outputs it reads (ctx.path(name))
     keys: tuple[str, ...] = ()  # config keys its output depends on: part of its cache key
     cached: bool = True  # False: runs every time, writes into the run directory
@@ -75,20 +76,6 @@ STAGES: list[Stage] = [
                                            "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),
           cached=False),
 ]
-
-
-@dataclass
-class Context:
-    """What a stage sees besides the config: where upstream outputs are, the tracker, the run directory."""
-
-    run_dir: Path
-    tracker: Any = field(default_factory=NullTracker)
-    outputs: dict[str, Path] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def path(self, stage: str) -> Optional[Path]:
-        """Output folder of an upstream stage, or None when that stage was skipped."""
-        return self.outputs.get(stage)
 
 
 def _select(cfg: Config, keys: tuple[str, ...]) -> dict:

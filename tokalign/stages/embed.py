@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokalign.stages.tokenize import docs_of, load_stream
+from tokalign.artifacts import docs_of, load_stream
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)

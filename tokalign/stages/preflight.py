@@ -77,7 +77,7 @@ def run(cfg, ctx, out: Path) -> dict:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from tokalign.__main__ import compose_cli
+    from tokalign.cli import compose_cli
 
     c = compose_cli(sys.argv[1:])
     print(json.dumps(check(c, Path("."))[0], indent=1))

@@ -18,8 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from tokalign import refs
-from tokalign.artifacts import training_docs
-from tokalign.stages.corpus import iter_records
+from tokalign.artifacts import iter_records, training_docs
 
 WORD = re.compile(r"[a-z][a-z0-9\-]{2,}")
 

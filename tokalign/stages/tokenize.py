@@ -16,13 +16,12 @@ import multiprocessing as mp
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from tokalign import refs
-from tokalign.artifacts import training_docs
+from tokalign.artifacts import save_stream, training_docs
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,8 @@ def run(cfg, ctx, out: Path) -> dict:
     nbytes = sum(len(t.encode()) for t in texts)
     (s_ids, t_ids), (s_off, t_off), seconds = encode_corpus(
         texts, [str(src_dir), str(out / "target_tokenizer")], cfg.hardware.tokenizer_workers)
-    np.save(out / "source_ids.npy", s_ids)
-    np.save(out / "source_offsets.npy", s_off)
-    np.save(out / "target_ids.npy", t_ids)
-    np.save(out / "target_offsets.npy", t_off)
+    save_stream(out, "source", s_ids, s_off)
+    save_stream(out, "target", t_ids, t_off)
     info = {
         "source_vocab": len(src),
         "target_vocab": len(tgt),
@@ -117,15 +114,3 @@ def run(cfg, ctx, out: Path) -> dict:
         "tokenize/target_bytes_per_token": nbytes / max(1, len(t_ids)),
         "tokenize/mb_per_s": info["mb_per_s"],
     }
-
-
-def load_stream(tok_dir: Path, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, offsets) of one side ('source' or 'target') of a tokenize output."""
-    return np.load(tok_dir / f"{side}_ids.npy"), np.load(tok_dir / f"{side}_offsets.npy")
-
-
-def docs_of(ids: np.ndarray, offsets: np.ndarray, limit: Optional[int] = None):
-    """Iterate the documents of a flat stream."""
-    n = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
-    for i in range(n):
-        yield ids[offsets[i]:offsets[i + 1]]

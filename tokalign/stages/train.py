@@ -34,7 +34,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tokalign.data import PackedSequences, load_token_arrays, pack_blocks
+from tokalign.artifacts import load_stream, read_texts
+from tokalign.data import PackedSequences, pack_blocks
 from tokalign.metrics import bits_per_byte
 from tokalign.errors import TokalignError
 from tokalign.trainer import TrainingDivergedError, checkpoints, make_trainer_classes
@@ -86,8 +87,6 @@ def _is_tied(model) -> bool:
 def _eval_texts(corpus_dir: Optional[Path], limit: int) -> list[str]:
     """The first ``limit`` dev documents for in-training bits per byte (never the evaluation documents: settings
     are chosen on these); none when the corpus stage wrote none."""
-    from tokalign.artifacts import read_texts
-
     return [] if corpus_dir is None else read_texts(Path(corpus_dir) / "dev.jsonl", limit, required=False)
 
 
@@ -218,7 +217,7 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
     transformers.set_seed(cfg.seed)
     model = refs.load_model(str(model_dir), dtype="float32", attn_implementation=cfg.hardware.attn_implementation)
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids, offsets = load_token_arrays(tok_dir)
+    ids, offsets = load_stream(tok_dir, "target")
     if len(ids) and int(np.max(ids)) >= vocab:
         raise TrainInputError(f"{Path(tok_dir) / 'target_ids.npy'}: token id {int(np.max(ids))} is outside the "
                               f"model's vocabulary of {vocab} rows ({model_dir})")
