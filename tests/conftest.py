@@ -1,16 +1,23 @@
-"""Shared fixtures: W&B off in unit tests, the demo assets, tiny models and tokenizers."""
+"""Shared fixtures and helpers of the test files (no test file imports another): W&B off in unit tests, the demo
+assets, a recording tracker, and the toy training workspace (a tiny random Llama, a word-level tokenizer, token
+streams and dev texts laid out as the upstream stages would)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tokalign.config import default_assets_dir  # noqa: E402
+from tokalign.config import Config, EvalConfig, LRScheduleConfig, TrainConfig, default_assets_dir  # noqa: E402
+from tokalign.context import Context  # noqa: E402
+from tokalign.tracking import NullTracker  # noqa: E402
 
 ASSETS = default_assets_dir()
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +32,96 @@ def need_assets() -> Path:
 @pytest.fixture
 def assets() -> Path:
     return need_assets()
+
+
+class RecordingTracker(NullTracker):
+    """A tracker that keeps what it is given: ``logged`` rows, ``tables`` and ``images`` by name."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+        self.tables: dict[str, tuple[list, list]] = {}
+        self.images: dict[str, Path] = {}
+
+    def log(self, metrics: dict, step=None) -> None:
+        self.logged.append(dict(metrics))
+
+    def table(self, name, columns, rows) -> None:
+        self.tables[name] = (columns, rows)
+
+    def image(self, name, path) -> None:
+        self.images[name] = Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the toy training workspace (tests of the training stages, the distributed launcher and the GPU paths)
+
+V = 300
+EOS_ID = 1
+
+
+def toy_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": EOS_ID, **{f"w{i}": i for i in range(2, V)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def toy_model(tied: bool, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
+                      bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def toy_docs(n_docs=60, seed=0):
+    """Documents that are arithmetic runs over the word ids: learnable structure, so the loss falls."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        start, step, n = rng.integers(2, V), rng.integers(1, 4), rng.integers(8, 30)
+        docs.append(((start - 2 + step * np.arange(n)) % (V - 2) + 2).astype(np.uint32))
+    return docs
+
+
+def make_workspace(tmp: Path, tied: bool = True) -> Context:
+    tok = toy_tokenizer()
+    init = tmp / "init"
+    toy_model(tied).save_pretrained(init / "model")
+    tok.save_pretrained(init / "model")
+    tokd = tmp / "tokenize"
+    tokd.mkdir()
+    docs = toy_docs()
+    np.save(tokd / "target_ids.npy", np.concatenate(docs))
+    np.save(tokd / "target_offsets.npy", np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64))
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    with (corpus / "dev.jsonl").open("w") as f:
+        for i, d in enumerate(toy_docs(4, seed=1)):
+            f.write(json.dumps({"id": f"e{i}", "text": " ".join(f"w{t}" for t in d)}) + "\n")
+    run = tmp / "run"
+    run.mkdir()
+    return Context(run_dir=run, outputs={"init": init, "tokenize": tokd, "corpus": corpus})
+
+
+def make_cfg(**kw) -> Config:
+    train_kw = dict(seq_len=16, micro_batch_size=2, grad_accum=2, save_steps=2, logging_steps=1, eval_steps=0)
+    train_kw.update(kw.pop("train", {}))
+    base = dict(source_model="x", target_tokenizer="y", corpus="z", steps_stage1=4, steps_stage2=3, lr_stage1=1e-2,
+                lr_stage2=1e-2, seed=0, train=TrainConfig(**train_kw),
+                eval=EvalConfig(max_eval_samples=2, seq_len=32, stride=16),
+                lr_schedule=LRScheduleConfig(name="cosine", warmup_ratio=0.0))
+    base.update(kw)
+    return Config(**base)
+
+
+def load_sd(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(folder))
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}

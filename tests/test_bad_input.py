@@ -83,12 +83,18 @@ def test_cli_missing_corpus_is_one_line_and_exit_2(tmp_path):
     assert (tmp_path / "run" / "summary.json").is_file()  # what was computed stays recorded
 
 
-def test_cli_invalid_utf8_corpus(tmp_path):
+def test_cli_invalid_utf8_corpus_error_is_the_last_line_even_with_wandb(tmp_path):
+    """W&B's closing summary (30+ lines in offline mode) comes before the error, not after it."""
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\n\xff\xfe\n")
-    r = _cli(tmp_path, f"corpus={bad}")
-    assert r.returncode == 2
-    assert f"tokalign: error: {bad}: invalid UTF-8 at byte 5" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tokalign", "wandb.mode=offline", f"cache_dir={tmp_path}/cache",
+                        f"hydra.run.dir={tmp_path}/run", f"corpus={bad}"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:]
+    last = [ln for ln in r.stdout.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"tokalign: error: {bad}: 1 records cannot be decoded or parsed"), r.stdout[-2000:]
+    assert last.endswith(f"{bad}:2: invalid UTF-8 at byte 5"), last
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # W&B did run
 
 
 def test_every_tokalign_error_class_is_reported_in_one_line():

@@ -72,8 +72,19 @@ def test_dataclass_validation_direct():
         TrainConfig(micro_batch_size=0)
 
 
+@pytest.mark.parametrize("group", ["mode", "experiment", "hardware"])
+def test_a_group_option_that_does_not_exist_is_refused_with_the_options(group):
+    """``experiment`` was ``optional`` in the defaults list, so ``experiment=<typo>`` ran the default job."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'") as e:
+        compose_cli([f"{group}=nope"])
+    assert all(o in str(e.value) for o in _options(group))
+
+
 def test_cli_unknown_key_and_mode_exit_nonzero(tmp_path):
-    for args, needle in ((["no_such_key=1"], "no_such_key"), (["mode=nope"], "smoke")):
+    for args, needle in ((["no_such_key=1"], "no_such_key"), (["mode=nope"], "smoke"),
+                         (["experiment=llama3_targt"], "llama3_target")):
         r = subprocess.run([sys.executable, "-m", "tokalign", *args, f"hydra.run.dir={tmp_path}"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0

@@ -85,16 +85,59 @@ def test_demo_holds_out_the_500_pubmedqa_test_ids(assets):
 
 # --- bad input: one clear error naming the file, or a counted skip for bad records -------------------
 
-def test_invalid_utf8(tmp_path):
+def test_invalid_utf8_line_over_the_bad_share_fails_naming_the_file(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good line\n\xff\xfe bad bytes\n")
-    with pytest.raises(CorpusError, match=r"bad\.txt: invalid UTF-8"):
+    with pytest.raises(CorpusError, match=r"bad\.txt: 1 records cannot be decoded or parsed \(1 of 3 read, more than "
+                                          r"corpus_max_bad_share=0.01\), e.g. .*bad\.txt:2: invalid UTF-8 at byte 10"):
         build(_cfg(tmp_path / "bad.txt"))
+
+
+def test_invalid_utf8_lines_under_the_bad_share_are_skipped_counted_and_located(tmp_path):
+    raw = "\n".join(DOCS).encode().split(b"\n")
+    raw[3] = b"\xff" + raw[3]
+    raw[7] = raw[7] + b"\xc3"
+    (tmp_path / "some_bad.txt").write_bytes(b"\n".join(raw))
+    (tmp_path / "some_bad.jsonl").write_bytes(b"\n".join(json.dumps({"text": t}).encode() for t in DOCS[:10])
+                                              + b'\n{"text": "caf\xe9"}')
+    for name, where in (("some_bad.txt", ["some_bad.txt:4: invalid UTF-8", "some_bad.txt:8: invalid UTF-8"]),
+                        ("some_bad.jsonl", ["some_bad.jsonl:11: invalid UTF-8 at byte"])):
+        train, held, rep = split(_cfg(tmp_path / name, corpus_max_bad_share=0.1 if name.endswith("txt") else 0.2))
+        assert rep["bad_records_skipped"] == len(where)
+        assert [w.split(str(tmp_path) + "/")[1][:len(x)] for w, x in zip(rep["bad_record_examples"], where)] == where
+        assert len(train) + len(held) == (38 if name.endswith("txt") else 10)
+
+
+def test_corpus_stage_reports_bad_records_as_a_metric_and_in_report_json(tmp_path):
+    from tokalign.context import Context
+    from tokalign.stages import corpus
+
+    lines = [json.dumps({"text": t}) for t in DOCS]
+    lines.insert(5, "{not json")
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    out.mkdir()
+    m = corpus.run(_cfg(tmp_path / "c.jsonl", corpus_max_bad_share=0.05), Context(run_dir=tmp_path), out)
+    assert m["corpus/bad_records_skipped"] == 1
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["bad_record_examples"] == [f"{tmp_path / 'c.jsonl'}:6: not valid JSON"]
+
+
+def test_bad_share_is_over_the_whole_corpus_and_a_config_key(tmp_path):
+    from tokalign.config import ConfigError
+
+    lines = [json.dumps({"text": t}) for t in DOCS[:30]] + ["{bad"] * 10  # 10 of 40 bad
+    (tmp_path / "q.jsonl").write_text("\n".join(lines))
+    with pytest.raises(CorpusError, match=r"q\.jsonl: 10 records .*\(10 of 40 read"):
+        build(_cfg(tmp_path / "q.jsonl", corpus_max_bad_share=0.2))
+    assert split(_cfg(tmp_path / "q.jsonl", corpus_max_bad_share=0.25))[2]["bad_records_skipped"] == 10
+    with pytest.raises(ConfigError, match="corpus_max_bad_share"):
+        _cfg(tmp_path / "q.jsonl", corpus_max_bad_share=1.5)
 
 
 def test_truncated_last_json_line_is_skipped_and_counted(tmp_path):
     lines = [json.dumps({"text": t}) for t in DOCS]
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + '\n{"text": "cut in the mid')
-    train, held, rep = split(_cfg(tmp_path / "t.jsonl"))
+    train, held, rep = split(_cfg(tmp_path / "t.jsonl", corpus_max_bad_share=0.05))
     assert rep["bad_records_skipped"] == 1 and "truncated" in rep["bad_record_examples"][0]
     assert len(train) + len(held) == 40
 
@@ -102,7 +145,7 @@ def test_truncated_last_json_line_is_skipped_and_counted(tmp_path):
 def test_record_without_text_field_is_skipped_and_counted(tmp_path):
     lines = [json.dumps({"text": t}) for t in DOCS] + [json.dumps({"body": "x"})]
     (tmp_path / "f.jsonl").write_text("\n".join(lines))
-    _, _, rep = split(_cfg(tmp_path / "f.jsonl"))
+    _, _, rep = split(_cfg(tmp_path / "f.jsonl", corpus_max_bad_share=0.05))
     assert rep["bad_records_skipped"] == 1 and "'text'" in rep["bad_record_examples"][0]
 
 

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -84,6 +85,16 @@ def validate_sweep() -> None:
             raise ConfigError(f"sweep job {i} ({' '.join(job)}): {str(e).splitlines()[0]}; no job was run") from e
 
 
+def finish_tracking(tracker: Any, run_dir: Path, exit_code: int) -> None:
+    """The run summary and ``summary.json`` to the tracker, then close it (W&B prints its closing lines here)."""
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        metrics = json.loads(summary_file.read_text())["metrics"]
+        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        tracker.artifact(f"summary-{tracker.run.id if tracker.run else 'run'}", "summary", [summary_file])
+    tracker.finish(exit_code=exit_code)
+
+
 def main_task(dcfg: DictConfig) -> Optional[float]:
     from tokalign.pipeline import run_pipeline
     from tokalign.tracking import make_tracker
@@ -99,24 +110,21 @@ def main_task(dcfg: DictConfig) -> Optional[float]:
     run_dir, mode, name, group = _hydra_info()
     plain = OmegaConf.to_container(dcfg, resolve=True)
     tracker = make_tracker(cfg.wandb, config=plain, run_dir=run_dir, job_type=mode, name=name, group=group)
-    code = 1
+    summary: Optional[dict] = None
+    error: Optional[BaseException] = None
     try:
         summary = run_pipeline(cfg, run_dir, tracker)
-        code = 0
     except user_errors() as e:
-        print(f"tokalign: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        error = e
+    finally:  # before any message of ours: W&B's closing lines must not follow (and bury) the error
+        finish_tracking(tracker, run_dir, exit_code=0 if summary is not None else 1)
+    if error is not None:
         print(f"tokalign: finished stages stay cached under {cfg.cache_dir}; details in {run_dir}/summary.json",
               file=sys.stderr)
+        print(f"tokalign: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+              file=sys.stderr)
         raise SystemExit(2)
-    finally:
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():
-            import json
-
-            tracker.summary({k: v for k, v in json.loads(summary_file.read_text())["metrics"].items()
-                             if isinstance(v, (int, float, str))})
-            tracker.artifact(f"summary-{tracker.run.id if tracker.run else 'run'}", "summary", [summary_file])
-        tracker.finish(exit_code=code)
+    assert summary is not None
     metrics = summary["metrics"]
     log.info("summary: %s", run_dir / "summary.json")
     for k in OBJECTIVE_KEYS:

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -51,24 +51,37 @@ class CorpusError(TokalignError, ValueError):
 
 
 class BadRecords:
-    """Records of a corpus that were skipped because they cannot be read: how many, and the first few places."""
+    """Records of a corpus that were skipped because they cannot be decoded or parsed: how many in all and per
+    file, and the first few places (``file:line: why``)."""
+
+    EXAMPLES = 5
 
     def __init__(self) -> None:
         self.bad_records = 0
         self.bad_examples: list[str] = []
+        self.by_source: dict[str, int] = {}
 
-    def bad(self, where: str) -> None:
+    def bad(self, source: Any, where: str) -> None:
         self.bad_records += 1
-        if len(self.bad_examples) < 5:
+        self.by_source[str(source)] = self.by_source.get(str(source), 0) + 1
+        if len(self.bad_examples) < self.EXAMPLES:
             self.bad_examples.append(where)
+
+    def worst(self) -> tuple[str, int]:
+        """The file (or hub dataset) with the most bad records, and how many."""
+        return max(self.by_source.items(), key=lambda kv: kv[1])
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except PermissionError as e:
+        raise CorpusError(f"{path}: file is not readable (permission denied)") from e
 
 
 def read_utf8(path: Path) -> str:
     """A text file's contents; unreadable or non-UTF-8 is a ``CorpusError`` naming the file."""
-    try:
-        raw = path.read_bytes()
-    except PermissionError as e:
-        raise CorpusError(f"{path}: file is not readable (permission denied)") from e
+    raw = _read_bytes(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,29 +107,43 @@ def _records_json(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[
         if isinstance(rec, dict) and isinstance(rec.get(field), str):
             yield str(rec.get("id", i)), rec[field]
         else:
-            counts.bad(f"{path}: record {i} has no string '{field}' field")
+            counts.bad(path, f"{path}: record {i} has no string '{field}' field")
+
+
+def _lines(path: Path, counts: BadRecords) -> tuple[list[tuple[int, str]], int]:
+    """The decoded lines of a file that holds a record a line, as (0-based index, text), and the number of lines;
+    a line that is not UTF-8 is a bad record (counted, with its line and file byte offset)."""
+    raw_lines = _read_bytes(path).split(b"\n")
+    lines, offset = [], 0
+    for i, raw in enumerate(raw_lines):
+        try:
+            lines.append((i, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            counts.bad(path, f"{path}:{i + 1}: invalid UTF-8 at byte {offset + e.start}")
+        offset += len(raw) + 1
+    return lines, len(raw_lines)
 
 
 def _records_jsonl(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
-    lines = read_utf8(path).split("\n")
-    for i, line in enumerate(lines):
+    lines, n_lines = _lines(path, counts)
+    for i, line in lines:
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            counts.bad(f"{path}:{i + 1}: not valid JSON" + (" (truncated last line)" if i >= len(lines) - 2 else ""))
+            counts.bad(path, f"{path}:{i + 1}: not valid JSON" + (" (truncated last line)" if i >= n_lines - 2 else ""))
             continue
         if isinstance(rec, dict) and isinstance(rec.get(field), str):
             yield str(rec.get("id", i)), rec[field]
         else:
-            counts.bad(f"{path}:{i + 1}: no string '{field}' field")
+            counts.bad(path, f"{path}:{i + 1}: no string '{field}' field")
 
 
 def _records_file(path: Path, field: str, counts: BadRecords) -> Iterator[tuple[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        for i, line in enumerate(read_utf8(path).split("\n")):
+        for i, line in _lines(path, counts)[0]:
             yield f"{path.name}:{i}", line
     elif suffix == ".jsonl":
         yield from _records_jsonl(path, field, counts)
@@ -159,7 +186,7 @@ def _records_hub(ref: str, field: str, counts: BadRecords) -> Iterator[tuple[str
         if isinstance(rec.get(field), str):
             yield str(rec.get("id", i)), rec[field]
         else:
-            counts.bad(f"{ref}: record {i} has no string '{field}' field")
+            counts.bad(ref, f"{ref}: record {i} has no string '{field}' field")
 
 
 def iter_records(ref: str, field: str = "text", counts: Optional[BadRecords] = None) -> Iterator[tuple[str, str]]:
@@ -182,7 +209,6 @@ def iter_records(ref: str, field: str = "text", counts: Optional[BadRecords] = N
     if not os.access(p, os.R_OK):
         raise CorpusError(f"{ref}: file is not readable (permission denied)")
     yield from _records_file(p, field, counts)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------

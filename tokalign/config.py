@@ -263,6 +263,7 @@ class Config:
     holdout_fraction: float = 0.05  # share held out by stable hash when `holdout_ids` is None or names no document
     dev_fraction: float = 0.1  # share of the non-held-out corpus kept out of training to choose settings on (stable hash)
     allow_eval_overlap: bool = False  # let training documents that are evaluation texts through (the summary counts them)
+    corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
     pivot_count: int = 300  # shared tokens used as pivots of the relative representations
     similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
     init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
@@ -291,6 +292,7 @@ class Config:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)", self.holdout_fraction)
         _check(0.0 <= self.dev_fraction < 0.5, "dev_fraction", "in [0, 0.5)", self.dev_fraction)
+        _check(0.0 <= self.corpus_max_bad_share <= 1.0, "corpus_max_bad_share", "in [0, 1]", self.corpus_max_bad_share)
         _check(self.pivot_count >= 2, "pivot_count", ">= 2", self.pivot_count)
         _check(-1.0 <= self.similarity_threshold <= 1.0, "similarity_threshold", "in [-1, 1]", self.similarity_threshold)
         bad = [m for m in self.init_methods if m not in INIT_METHODS]

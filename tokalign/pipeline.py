@@ -54,7 +54,7 @@ STAGES: list[Stage] = [
     Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir"), cached=False),
     Stage("corpus", corpus.run, (), ("corpus", "eval_corpus", "corpus_text_field", "corpus_bytes", "holdout_ids",
                                      "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
-                                     "eval.pubmedqa_test_ids")),
+                                     "eval.pubmedqa_test_ids")),  # not corpus_max_bad_share: it only decides failure
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
     Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
     Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),

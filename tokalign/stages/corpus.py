@@ -17,6 +17,11 @@ Bits per byte is scored on ``eval_corpus`` when given, else on the held-out docu
 or dev document whose text is an evaluation text (the eval documents, the held-out ones, the
 PubMedQA test questions' contexts) is a one-line error unless ``allow_eval_overlap=true``.
 
+A record that cannot be decoded (a line that is not UTF-8) or parsed (bad JSON, no text field) is
+skipped and counted (``corpus/bad_records_skipped``; the first few places, ``file:line: why``, in
+``report.json``); more than ``corpus_max_bad_share`` of the records read being bad is an error
+naming the file.
+
 Writes ``train.jsonl``, ``dev.jsonl``, ``eval.jsonl`` ({"id", "text"} a line), ``eval_hashes.json``
 (read through ``tokalign.artifacts.training_docs``) and ``report.json``.
 
@@ -133,6 +138,16 @@ def _guard(cfg, parts: dict[str, list[dict]], eval_docs: list[dict]) -> dict:
     return {"hashes": sorted(hashes), "sources": named, "overlap": overlap, "overlap_allowed": bool(cfg.allow_eval_overlap)}
 
 
+def _check_bad_share(cfg, counts: BadRecords, good: int) -> None:
+    """Bad records are skipped and counted; more than ``corpus_max_bad_share`` of them is an error naming the file
+    with the most."""
+    total = good + counts.bad_records
+    if counts.bad_records and counts.bad_records > cfg.corpus_max_bad_share * total:
+        source, n = counts.worst()
+        raise CorpusError(f"{source}: {n} records cannot be decoded or parsed ({counts.bad_records} of {total} read, "
+                          f"more than corpus_max_bad_share={cfg.corpus_max_bad_share}), e.g. {counts.bad_examples[0]}")
+
+
 def build(cfg) -> tuple[dict[str, list[dict]], dict, dict]:
     """Read, clean and split the corpus; returns ({"train", "dev", "eval", "held"} records, report, eval hashes)."""
     counts = BadRecords()
@@ -144,6 +159,8 @@ def build(cfg) -> tuple[dict[str, list[dict]], dict, dict]:
                      _read_unique(cfg.eval_corpus, cfg.corpus_text_field, counts, eval_stats)]
     else:
         eval_docs = parts["held"]
+        eval_stats = {"documents_read": 0}
+    _check_bad_share(cfg, counts, stats["documents_read"] + eval_stats["documents_read"])
     if not parts["train"]:
         raise CorpusError(f"{cfg.corpus}: no training documents left after filtering ({stats}; "
                           f"{counts.bad_records} bad records); expected non-empty text")

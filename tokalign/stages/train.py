@@ -300,8 +300,9 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
     blocks = pack_blocks(ids, offsets, eos_id, tc.seq_len, source=str(Path(tok_dir) / "target_ids.npy"))
     start_idx = _stage1_start(cfg, ctx, global_batch) if stage == 1 else _stage2_start(cfg, ctx, global_batch)
     dataset = PackedSequences(blocks, cfg.seed, start_idx, steps * global_batch)
-    log.info("[%s] %d packed blocks of %d tokens; sequences %d..%d (global batch %d); %.2f passes", name,
-             dataset.n_blocks, tc.seq_len, start_idx, start_idx + len(dataset) - 1, global_batch, dataset.passes)
+    log.info("[%s] %d packed blocks of %d tokens; sequences %d..%d (global batch %d = %d x %d x %d processes); "
+             "%.2f passes", name, dataset.n_blocks, tc.seq_len, start_idx, start_idx + len(dataset) - 1, global_batch,
+             tc.micro_batch_size, tc.grad_accum, args.world_size, dataset.passes)
     data_state = {"start_idx": start_idx, "end_idx": start_idx + len(dataset), "n_blocks": dataset.n_blocks,
                   "seq_len": tc.seq_len, "global_batch": global_batch, "passes": dataset.passes, "seed": cfg.seed}
 
@@ -349,13 +350,18 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
         log.info("[%s] resuming from %s", name, resume)
     resume_step = int(json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)) if resume \
         else 0
-    (out / "resume.json").write_text(json.dumps({"resumed": bool(resume), "step": resume_step,
-                                                 "checkpoint": Path(resume).name if resume else None}))
+    # Under torchrun every rank runs this function on the same ``out``: only rank 0 writes there (two ranks
+    # writing, and one removing ``model/`` while the other saves it, made the 2-process test fail at random).
+    main = trainer.is_world_process_zero()
+    if main:
+        (out / "resume.json").write_text(json.dumps({"resumed": bool(resume), "step": resume_step,
+                                                     "checkpoint": Path(resume).name if resume else None}))
 
     def write_history() -> list[dict]:
         hist = _history(trainer.state.log_history, global_batch * tc.seq_len, start_idx, global_batch,
                         dataset.n_blocks)
-        (out / "log_history.json").write_text(json.dumps(hist, indent=1))
+        if main:
+            (out / "log_history.json").write_text(json.dumps(hist, indent=1))
         return hist
 
     t_train = time.time()
@@ -365,28 +371,10 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
         write_history()
     train_seconds = time.time() - t_train
     hist = write_history()
-    (out / "data_state.json").write_text(json.dumps(data_state, indent=1))
-
-    # ---- save
-    final = trainer.model
-    if stage == 2 and cfg.stage2_use_lora:
-        final = final.merge_and_unload()
-    if hasattr(final, "_orig_mod"):
-        final = final._orig_mod
-    model_out = out / "model"
-    if model_out.exists():
-        shutil.rmtree(model_out)
-    if use_cache is not None:
-        final.config.use_cache = use_cache
-    final.save_pretrained(str(model_out))
-    tokenizer.save_pretrained(str(model_out))
-    if stage == 2:
-        adapted = Path(ctx.run_dir) / "adapted_model"
-        _link_or_copy_tree(model_out, adapted)
-        if getattr(cfg.wandb, "log_model", False):
-            ctx.tracker.artifact("adapted_model", "model", [adapted])
-    if not getattr(tc, "keep_checkpoints", False):  # last: a crash before here still resumes from them
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if main:
+        (out / "data_state.json").write_text(json.dumps(data_state, indent=1))
+        _save(trainer.model, tokenizer, out, cfg, ctx, stage, use_cache)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves before the model is saved
 
     trained_steps = trainer.state.global_step - cb.step_begin
     train_time = max(train_seconds - cb.eval_seconds, 1e-9)
@@ -405,6 +393,30 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
         metrics[f"{ns}/eval_bpb"] = float(cb.last_bpb)
     log.info("[%s] done: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
+
+
+def _save(model, tokenizer, out: Path, cfg, ctx, stage: int, use_cache) -> None:
+    """The trained model (LoRA merged, uncompiled, KV cache setting restored) and tokenizer into ``out/model``;
+    stage 2 also links it to ``<run dir>/adapted_model``; the checkpoints go last (a crash before here resumes)."""
+    final = model
+    if stage == 2 and cfg.stage2_use_lora:
+        final = final.merge_and_unload()
+    if hasattr(final, "_orig_mod"):
+        final = final._orig_mod
+    model_out = out / "model"
+    if model_out.exists():
+        shutil.rmtree(model_out)
+    if use_cache is not None:
+        final.config.use_cache = use_cache
+    final.save_pretrained(str(model_out))
+    tokenizer.save_pretrained(str(model_out))
+    if stage == 2:
+        adapted = Path(ctx.run_dir) / "adapted_model"
+        _link_or_copy_tree(model_out, adapted)
+        if cfg.wandb.log_model:
+            ctx.tracker.artifact("adapted_model", "model", [adapted])
+    if not cfg.train.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def _history(log_history: list[dict], tokens_per_step: int, start_idx: int, global_batch: int,
