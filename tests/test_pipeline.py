@@ -111,3 +111,48 @@ def test_cuda_cache_is_released_after_every_stage_that_ran_even_a_failing_one(tm
     with pytest.raises(RuntimeError):
         run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=[Stage("x", boom, (), ())])
     assert len(released) == 3
+
+
+def _stage(name):
+    return next(s for s in STAGES if s.name == name)
+
+
+def test_embed_key_has_the_seed_exactly_when_it_samples_documents():
+    """embed.max_tokens > 0 draws documents with cfg.seed: a seed sweep must not reuse another seed's vectors;
+    with the whole stream (0) the seed changes nothing and the cached vectors are shared."""
+    from tokalign.config import EmbedConfig
+
+    embed = _stage("embed")
+    ups = {"tokenize": "t0"}
+
+    def key(seed, max_tokens):
+        return stage_key(embed, Config(source_model="s", target_tokenizer="t", corpus="c", seed=seed,
+                                       embed=EmbedConfig(max_tokens=max_tokens)), ups)
+
+    assert key(0, 1000) != key(1, 1000)
+    assert key(0, 1000) != key(0, 2000)
+    assert key(0, 0) == key(1, 0)
+    assert embed.keys_if(Config(source_model="s", target_tokenizer="t", corpus="c")) == ()
+
+
+def test_every_stage_key_is_a_config_key():
+    """A misspelt key would silently drop out of the cache hash (OmegaConf.select gives None for it)."""
+    import dataclasses
+
+    from tokalign.config import EmbedConfig
+
+    def exists(cls, dotted):
+        head, _, rest = dotted.partition(".")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if head not in fields:
+            return False
+        if not rest:
+            return True
+        sub = fields[head].default_factory() if fields[head].default_factory is not dataclasses.MISSING else None
+        return dataclasses.is_dataclass(sub) and exists(type(sub), rest)
+
+    cfg = Config(source_model="s", target_tokenizer="t", corpus="c", embed=EmbedConfig(max_tokens=1))
+    for st in STAGES:
+        for k in st.keys + st.keys_if(cfg):
+            assert exists(Config, k), f"stage {st.name}: key {k!r} is not a Config field"
+    assert not exists(Config, "eval.no_such_field") and not exists(Config, "seeds")

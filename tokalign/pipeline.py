@@ -44,6 +44,7 @@ class Stage:
     run: Callable[[Config, Context, Path], dict]
     inputs: tuple[str, ...] = ()  # upstream stages whose outputs it reads (ctx.path(name))
     keys: tuple[str, ...] = ()  # config keys its output depends on: part of its cache key
+    keys_if: Callable[[Config], tuple[str, ...]] = lambda cfg: ()  # keys the output depends on only in this config
     cached: bool = True  # False: runs every time, writes into the run directory
     resumable: bool = False  # True: a half-finished output (checkpoints) is continued, not wiped
     when: Callable[[Config], bool] = lambda cfg: True  # skip the stage when False
@@ -58,7 +59,8 @@ STAGES: list[Stage] = [
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
     Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
     Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),
-    Stage("embed", embed.run, ("tokenize",), ("embed",)),
+    Stage("embed", embed.run, ("tokenize",), ("embed",),  # seed: the documents sampled under embed.max_tokens
+          keys_if=lambda cfg: ("seed",) if cfg.embed.max_tokens > 0 else ()),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),
@@ -97,7 +99,7 @@ def _fingerprint(value: Any) -> Any:
 
 
 def stage_key(stage: Stage, cfg: Config, input_keys: dict[str, str]) -> str:
-    selected = {k: _fingerprint(v) for k, v in _select(cfg, stage.keys).items()}
+    selected = {k: _fingerprint(v) for k, v in _select(cfg, stage.keys + stage.keys_if(cfg)).items()}
     return cache.stable_hash({"stage": stage.name, "v": 1, "config": selected,
                               "inputs": {n: input_keys.get(n) for n in stage.inputs}})
 
