@@ -19,9 +19,8 @@ def _stages(calls):
     def make(name):
         def run(cfg, ctx, out):
             calls.append(name)
-            for up in ("a", "b"):
-                if ctx.path(up) is not None and up != name:
-                    assert (ctx.path(up) / "data.txt").read_text()
+            for up in ctx.inputs:  # every declared input is there, with its data
+                assert (ctx.path(up) / "data.txt").read_text()
             (out / "data.txt").write_text(f"{name}:{cfg.pivot_count}:{cfg.lr_stage1}")
             return {f"{name}/value": 1.0}
         return run
@@ -156,3 +155,27 @@ def test_every_stage_key_is_a_config_key():
         for k in st.keys + st.keys_if(cfg):
             assert exists(Config, k), f"stage {st.name}: key {k!r} is not a Config field"
     assert not exists(Config, "eval.no_such_field") and not exists(Config, "seeds")
+
+
+def test_a_stage_reading_an_undeclared_or_skipped_input_gets_a_named_error(tmp_path):
+    from tokalign.context import StageInputError
+
+    def reads(name):
+        def run(cfg, ctx, out):
+            ctx.path(name)
+            return {}
+        return run
+
+    calls = []
+    with pytest.raises(StageInputError, match=r"stage 'b' reads the output of stage 'c' but does not declare it"):
+        run_pipeline(_cfg(tmp_path), tmp_path / "r1", stages=_stages(calls)[:1] + [Stage("b", reads("c"), ("a",))])
+    skipped = Stage("a", reads("a"), when=lambda cfg: False)
+    with pytest.raises(StageInputError, match=r"stage 'b' needs the output of stage 'a', which did not run"):
+        run_pipeline(_cfg(tmp_path), tmp_path / "r2", stages=[skipped, Stage("b", reads("a"), ("a",))])
+
+    def optional(cfg, ctx, out):
+        assert not ctx.has("a")
+        return {"b/ok": 1}
+
+    s = run_pipeline(_cfg(tmp_path), tmp_path / "r3", stages=[skipped, Stage("b", optional, ("a",))])
+    assert s["metrics"]["b/ok"] == 1

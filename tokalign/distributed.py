@@ -59,6 +59,8 @@ def launched(fn: Callable) -> Callable:
             "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
             "run_dir": str(ctx.run_dir),
             "outputs": {k: str(v) for k, v in ctx.outputs.items()},
+            "stage": ctx.stage,
+            "inputs": None if ctx.inputs is None else list(ctx.inputs),
             "metrics": {k: v for k, v in ctx.metrics.items() if isinstance(v, (int, float, str, bool))},
             "out": str(out),
         }))
@@ -93,7 +95,8 @@ def _child(stage: str, spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), spec["config"]))
     ctx = Context(run_dir=Path(spec["run_dir"]), outputs={k: Path(v) for k, v in spec["outputs"].items()},
-                  metrics=dict(spec["metrics"]))
+                  metrics=dict(spec["metrics"]), stage=spec.get("stage"),
+                  inputs=None if spec.get("inputs") is None else tuple(spec["inputs"]))
     module, name = stage.split(":")
     fn = getattr(importlib.import_module(module), name)
     fn = getattr(fn, "__wrapped__", fn)

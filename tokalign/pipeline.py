@@ -1,7 +1,8 @@
 """The whole flow on one screen: the ordered stages, what each reads, and which config keys it uses.
 
 Every stage is a module under ``tokalign/stages`` with ``run(cfg, ctx, out) -> dict`` of metrics:
-it reads its inputs from ``ctx.path(<upstream stage>)``, writes its artifacts into ``out`` and
+it reads its inputs from ``ctx.path(<upstream stage>)`` (an error for a stage it does not list in ``inputs``,
+or one that did not run; ``ctx.has`` asks whether an optional one ran), writes its artifacts into ``out`` and
 never imports another stage. Outputs are cached by content (``tokalign/cache.py``): the key of a
 stage hashes the values of its ``keys`` and the keys of its ``inputs``, so a sweep over
 ``lr_stage1`` reuses tokenization, embeddings, alignment and initialisation, and a sweep over
@@ -144,6 +145,7 @@ def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Option
         key = stage_key(stage, cfg, keys)
         keys[stage.name] = key
         record: dict[str, Any] = {"key": key}
+        ctx.stage, ctx.inputs = stage.name, stage.inputs
         try:
             if not stage.cached:
                 out = run_dir / stage.name

@@ -39,6 +39,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 from tokalign.artifacts import BadRecords, CorpusError, iter_records, read_utf8, text_hash, write_jsonl
+from tokalign.config import Config
+from tokalign.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ def build(cfg) -> tuple[dict[str, list[dict]], dict, dict]:
     return {**parts, "eval": eval_docs}, report, guard
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     parts, report, guard = build(cfg)
     for name in ("train", "dev", "eval"):
         write_jsonl(out / f"{name}.jsonl", parts[name])

@@ -20,6 +20,8 @@ import numpy as np
 
 from tokalign.artifacts import docs_of, load_stream
 from tokalign.errors import TokalignError
+from tokalign.config import Config
+from tokalign.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def train_vectors_isolated(ids: np.ndarray, offsets: np.ndarray, work: Path, **k
                      f"embed.dim / embed.min_count / embed.epoch values")
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     tok_dir = ctx.path("tokenize")
     e = cfg.embed
     metrics = {}

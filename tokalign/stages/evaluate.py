@@ -42,6 +42,8 @@ from tokalign import metrics as M
 from tokalign import refs, stats
 from tokalign.artifacts import ArtifactError, read_texts
 from tokalign.errors import TokalignError
+from tokalign.config import Config
+from tokalign.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +65,12 @@ def _setup_torch(cfg: Any) -> None:
         torch.set_num_threads(cfg.hardware.torch_threads)
 
 
-def _need(ctx: Any, name: str) -> Path:
-    p = ctx.path(name)
-    if p is None:
-        raise EvalInputError(f"this stage needs the output of stage '{name}', which did not run")
-    return Path(p)
-
-
 def eval_texts(cfg: Any, ctx: Any) -> list[str]:
     """The documents every model is scored on: the first ``eval.max_eval_samples`` of ``corpus/eval.jsonl`` (or of
     ``dev.jsonl`` with ``eval.split=dev``, when choosing settings), each cut to its first ``eval.max_doc_bytes``
     bytes (at a space) when that is set."""
     try:
-        texts = read_texts(_need(ctx, "corpus") / f"{cfg.eval.split}.jsonl", cfg.eval.max_eval_samples)
+        texts = read_texts(ctx.path("corpus") / f"{cfg.eval.split}.jsonl", cfg.eval.max_eval_samples)
     except ArtifactError as e:
         raise EvalInputError(str(e)) from e
     return [M.head_bytes(t, cfg.eval.max_doc_bytes) for t in texts] if cfg.eval.max_doc_bytes else texts
@@ -247,11 +242,11 @@ def _publish_plot(ctx: Any, path: Path, name: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_source(cfg: Any, ctx: Any, out: Path) -> dict:
+def run_source(cfg: Config, ctx: Context, out: Path) -> dict:
     """Bits per byte (per document) and PubMedQA of the source model under its own tokenizer."""
     _setup_torch(cfg)
     texts = eval_texts(cfg, ctx)
-    model, tok = _load(_need(ctx, "source") / "model", cfg)
+    model, tok = _load(ctx.path("source") / "model", cfg)
     r = _bpb(model, tok, texts, cfg, "bpb source")
     metrics = {**bpb_metrics("bpb/source", r, cfg.seed), **roundtrip_metrics(tok, texts, "source"),
                "eval/docs": len(texts), "eval/bytes": r["bytes"], "eval/source_tokens": r["tokens"]}
@@ -315,13 +310,13 @@ def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tu
     return per_method, metrics, pq_detail
 
 
-def run_init(cfg: Any, ctx: Any, out: Path) -> dict:
+def run_init(cfg: Config, ctx: Context, out: Path) -> dict:
     """Bits per byte of every initialisation method on the source's documents, every pair compared."""
     _setup_torch(cfg)
     texts = eval_texts(cfg, ctx)
-    init_dir = _need(ctx, "init")
+    init_dir = ctx.path("init")
     info = _init_info(init_dir)
-    src = _read_json(_need(ctx, "evaluate_source") / "bpb.json", "written by stage 'evaluate_source'")["source"]
+    src = _read_json(ctx.path("evaluate_source") / "bpb.json", "written by stage 'evaluate_source'")["source"]
     per_method, metrics, pq_detail = _score_methods(cfg, init_dir, info, texts)
     for m, r in per_method.items():
         metrics.update(bpb_metrics(f"bpb/init/{m}", r, cfg.seed))
@@ -470,7 +465,8 @@ def _upstream(ctx: Any) -> tuple[dict[str, dict], dict[str, dict], dict[str, str
     bpb: dict[str, dict] = {}
     pq: dict[str, dict] = {}
     samples: dict[str, str] = {}
-    src, ini = ctx.path("evaluate_source"), ctx.path("evaluate_init")
+    src = ctx.path("evaluate_source") if ctx.has("evaluate_source") else None
+    ini = ctx.path("evaluate_init") if ctx.has("evaluate_init") else None
     if src is not None and (Path(src) / "bpb.json").is_file():
         bpb["source"] = _read_json(Path(src) / "bpb.json", "evaluate_source")["source"]
         pq.update(_read_json(Path(src) / "pubmedqa.json", "evaluate_source"))
@@ -496,12 +492,12 @@ def _compare_trained(name: str, r: dict, upstream: dict[str, dict], seed: int) -
 
 
 def _final_model(ctx: Any) -> tuple[list[tuple[str, Path]], Optional[str]]:
-    trained = [(n, Path(p) / "model") for n in ("stage1", "stage2") if (p := ctx.path(f"train_{n}")) is not None]
-    final = trained[-1][0] if trained else ("init" if ctx.path("init") is not None else None)
+    trained = [(n, ctx.path(f"train_{n}") / "model") for n in ("stage1", "stage2") if ctx.has(f"train_{n}")]
+    final = trained[-1][0] if trained else ("init" if ctx.has("init") else None)
     return trained, final
 
 
-def run_final(cfg: Any, ctx: Any, out: Path) -> dict:
+def run_final(cfg: Config, ctx: Context, out: Path) -> dict:
     """Bits per byte of the trained models against init and source, PubMedQA of the final model, plots, samples."""
     _setup_torch(cfg)
     out = Path(out)
@@ -529,8 +525,8 @@ def run_final(cfg: Any, ctx: Any, out: Path) -> dict:
     detail: dict[str, Any] = {"bpb": {}, "pubmedqa": pq_detail, "samples": {"source": source_samples}}
     sample_rows: list[list[str]] = [["source", p, g] for p, g in source_samples.items()]
     models = list(trained)
-    if not trained and ctx.path("init") is not None:
-        models.append(("init", Path(ctx.path("init")) / "model"))
+    if not trained and ctx.has("init"):
+        models.append(("init", ctx.path("init") / "model"))
     for name, mdir in models:
         model, tok = _load(mdir, cfg)
         if texts is not None and name in ("stage1", "stage2"):
@@ -587,7 +583,7 @@ def _final_report(ctx: Any, metrics: dict, detail: dict, sample_rows: list, reco
     for n in ("stage1", "stage2"):
         if isinstance(allm.get(f"bpb/{n}"), (int, float)):
             bars[n] = (allm[f"bpb/{n}"], allm[f"bpb/{n}/ci95"])
-    curves = {"stage1": _loss_history(ctx.path("train_stage1")), "stage2": _loss_history(ctx.path("train_stage2"))}
+    curves = {n: _loss_history(ctx.path(f"train_{n}") if ctx.has(f"train_{n}") else None) for n in ("stage1", "stage2")}
     rec = Path(ctx.run_dir) / "recovery.png"
     try:
         Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 from tokalign.errors import TokalignError
+from tokalign.config import Config
+from tokalign.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def check(cfg, run_dir: Path) -> tuple[dict, list[str]]:
     return info, problems
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     info, problems = check(cfg, ctx.run_dir)
     info["problems"] = problems
     (out / "preflight.json").write_text(json.dumps(info, indent=1))

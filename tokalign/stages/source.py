@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 
 from tokalign import refs
+from tokalign.config import Config
+from tokalign.context import Context
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     model = refs.load_model(cfg.source_model, dtype="float32", allow_pickle=cfg.allow_pickle,
                             trust_remote_code=cfg.trust_remote_code)
     tok = refs.load_tokenizer(cfg.source_model, trust_remote_code=cfg.trust_remote_code)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tokalign import refs
 from tokalign.artifacts import iter_records, training_docs
+from tokalign.config import Config
+from tokalign.context import Context
 
 WORD = re.compile(r"[a-z][a-z0-9\-]{2,}")
 
@@ -56,7 +58,7 @@ def tokens_per_term(tok, terms: list[str]) -> list[int]:
     return [len(e) for e in enc]
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     texts = [d["text"] for d in training_docs(ctx.path("corpus"))]
     reference = None
     if cfg.terms.reference:

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from tokalign import refs
 from tokalign.artifacts import save_stream, training_docs
+from tokalign.config import Config
+from tokalign.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def encode_corpus(texts: list[str], tokenizer_dirs: list[str], workers: int,
     return ids, offsets, seconds
 
 
-def run(cfg, ctx, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     src_dir = ctx.path("source") / "model"
     tgt = refs.load_tokenizer(cfg.target_tokenizer, trust_remote_code=cfg.trust_remote_code)
     tgt.save_pretrained(out / "target_tokenizer")

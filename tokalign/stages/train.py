@@ -39,6 +39,8 @@ from tokalign.data import PackedSequences, pack_blocks
 from tokalign.metrics import bits_per_byte
 from tokalign.errors import TokalignError
 from tokalign.trainer import TrainingDivergedError, checkpoints, make_trainer_classes
+from tokalign.config import Config
+from tokalign.context import Context
 
 __all__ = ["TrainInputError", "TrainingDivergedError", "checkpoints", "run_stage1", "run_stage2", "train_stage"]
 
@@ -54,11 +56,12 @@ class TrainInputError(TokalignError, ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 
-def lr_scheduler_args(cfg, steps: int) -> tuple[str, dict]:
+def lr_scheduler_args(cfg: Config, steps: int) -> tuple[str, dict]:
     """transformers' ``lr_scheduler_type`` and ``lr_scheduler_kwargs`` for ``cfg.lr_schedule`` over ``steps``
-    (the warmup, ``cfg.lr_schedule.warmup_ratio`` of the steps, is passed separately as ``warmup_steps``)."""
+    (the warmup, ``cfg.lr_schedule.warmup_ratio`` of the steps, is passed separately as ``warmup_steps``);
+    ``lr_schedule.name`` is one of ``LR_SCHEDULES`` (checked by the config)."""
     s = cfg.lr_schedule
-    min_ratio = float(getattr(s, "min_lr_ratio", 0.0) or 0.0)
+    min_ratio = float(s.min_lr_ratio)
     if s.name == "cosine":
         return ("cosine_with_min_lr", {"min_lr_rate": min_ratio}) if min_ratio > 0 else ("cosine", {})
     if s.name == "linear":
@@ -67,9 +70,7 @@ def lr_scheduler_args(cfg, steps: int) -> tuple[str, dict]:
         return "linear", {}
     if s.name == "constant":
         return "constant_with_warmup", {}
-    if s.name == "wsd":
-        return "warmup_stable_decay", {"num_decay_steps": int(round(steps * s.decay_ratio)), "min_lr_ratio": min_ratio}
-    raise TrainInputError(f"config key 'lr_schedule.name': expected cosine, linear, constant or wsd, got {s.name!r}")
+    return "warmup_stable_decay", {"num_decay_steps": int(round(steps * s.decay_ratio)), "min_lr_ratio": min_ratio}
 
 
 def _module_name(model, module) -> str:
@@ -164,9 +165,9 @@ def _stage1_start(cfg, ctx, global_batch: int) -> int:
 def _stage2_start(cfg, ctx, global_batch: int) -> int:
     if cfg.train_start_idx_stage2 >= 0:
         return int(cfg.train_start_idx_stage2)
-    s1 = ctx.path("train_stage1")
-    if s1 is not None and (Path(s1) / "data_state.json").is_file():
-        return int(json.loads((Path(s1) / "data_state.json").read_text())["end_idx"])
+    state = ctx.path("train_stage1") / "data_state.json" if ctx.has("train_stage1") else None
+    if state is not None and state.is_file():
+        return int(json.loads(state.read_text())["end_idx"])
     return int(cfg.steps_stage1) * global_batch
 
 
@@ -196,17 +197,12 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
     tc = cfg.train
 
     # ---- inputs
-    init_dir = ctx.path("init")
-    if init_dir is None:
-        raise TrainInputError(f"{name}: the init stage's output is missing (ctx.path('init') is None)")
-    model_dir = Path(init_dir) / "model"
-    if stage == 2 and ctx.path("train_stage1") is not None:
-        model_dir = Path(ctx.path("train_stage1")) / "model"
+    model_dir = ctx.path("init") / "model"
+    if stage == 2 and ctx.has("train_stage1"):
+        model_dir = ctx.path("train_stage1") / "model"
     if not (model_dir / "config.json").is_file():
         raise TrainInputError(f"{model_dir}: expected a Hugging Face model folder (config.json missing)")
     tok_dir = ctx.path("tokenize")
-    if tok_dir is None:
-        raise TrainInputError(f"{name}: the tokenize stage's output is missing (ctx.path('tokenize') is None)")
 
     tokenizer = refs.load_tokenizer(str(model_dir))
     eos_id = tokenizer.eos_token_id
@@ -437,11 +433,11 @@ def _history(log_history: list[dict], tokens_per_step: int, start_idx: int, glob
     return [by_step[s] for s in sorted(by_step) if len(by_step[s]) > 3]
 
 
-def run_stage1(cfg, ctx, out: Path) -> dict:
+def run_stage1(cfg: Config, ctx: Context, out: Path) -> dict:
     """Stage 1: train only the input embeddings and the output head (one matrix when tied)."""
-    return train_stage(cfg, ctx, out, 1, resume_from_checkpoint=getattr(cfg.train, "resume_from_checkpoint", None))
+    return train_stage(cfg, ctx, out, 1, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
 
 
-def run_stage2(cfg, ctx, out: Path) -> dict:
+def run_stage2(cfg: Config, ctx: Context, out: Path) -> dict:
     """Stage 2: train the whole model, or LoRA adapters plus the embedding/head rows (``stage2_use_lora``)."""
-    return train_stage(cfg, ctx, out, 2, resume_from_checkpoint=getattr(cfg.train, "resume_from_checkpoint", None))
+    return train_stage(cfg, ctx, out, 2, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
