@@ -121,3 +121,72 @@ def test_a_bad_sweep_value_fails_before_any_job_runs(tmp_path, sweep, needle):
     assert needle in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "cache").exists()  # no stage ran, not even job 0's
     assert not list((tmp_path / "runs").glob("*/summary.json"))
+
+
+def _yaml_leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if k == "defaults":
+            continue
+        if isinstance(v, dict):
+            yield from _yaml_leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _option_base(group: str, name: str, schema):
+    """What an option file starts from: the dataclass defaults, under the options it lists as parents."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / group / f"{name}.yaml")) or {}
+    node = OmegaConf.structured(schema)
+    for parent in [d for d in raw.get("defaults", []) if isinstance(d, str) and d not in ("tokalign_schema", "_self_")]:
+        node = OmegaConf.merge(_option_base(group, parent, schema), _without_defaults(group, parent))
+    return node
+
+
+def _without_defaults(group: str, name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / group / f"{name}.yaml")) or {}
+    return {k: v for k, v in raw.items() if k != "defaults"}
+
+
+@pytest.mark.parametrize("group", ["hardware", "lr_schedule", "alignment", "mode"])
+def test_yaml_options_hold_only_what_differs_from_the_defaults(group):
+    """A value restated from the dataclass (or the parent option) hides what the option really changes. Modes may
+    set ``hardware.*`` (applied over whichever hardware option is chosen); experiments are applied over any mode,
+    so restating a default there is a real override and they are not checked."""
+    from omegaconf import OmegaConf
+
+    from tokalign.config import AlignmentConfig, HardwareConfig, LRScheduleConfig
+
+    schema = {"hardware": HardwareConfig, "lr_schedule": LRScheduleConfig, "alignment": AlignmentConfig,
+              "mode": Config}[group]
+    restated = {}
+    for name in _options(group):
+        base = _option_base(group, name, schema)
+        same = [k for k, v in _yaml_leaves(_without_defaults(group, name))
+                if not k.startswith("hardware.") and OmegaConf.select(base, k, throw_on_missing=False) == v]
+        if same:
+            restated[name] = same
+    assert not restated, restated
+
+
+def test_help_lists_only_real_options():
+    r = subprocess.run([sys.executable, "-m", "tokalign", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    groups = r.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "tokalign_schema" not in groups, groups
+    for g in ["alignment", "experiment", "hardware", "lr_schedule", "mode"]:
+        assert f"{g}: {', '.join(_options(g))}" in groups, groups
+
+
+def test_the_sweep_objective_is_the_config_key_optimized_metric():
+    from tokalign.__main__ import objective
+
+    metrics = {"bpb/stage1": 1.5, "bpb/init/tokalign": 2.0, "pubmedqa/acc/final": 0.4, "eval/final_model": "stage1"}
+    assert objective(compose_cli([]), metrics) == 1.5  # bpb/stage2 missing: the next one
+    assert objective(compose_cli(["optimized_metric=[pubmedqa/acc/final]"]), metrics) == 0.4
+    assert objective(compose_cli(["optimized_metric=[eval/final_model,bpb/nope]"]), metrics) is None
+    with pytest.raises(ConfigError, match="optimized_metric"):
+        compose_cli(["optimized_metric=[]"])

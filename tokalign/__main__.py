@@ -1,4 +1,5 @@
-"""``python -m tokalign``: compose the config, validate it, run the pipeline, return the sweep objective.
+"""``python -m tokalign``: compose the config, validate it, run the pipeline, return the sweep objective
+(``optimized_metric``: the first of its metrics the run produced).
 
     python -m tokalign                                   # smoke mode on the demo assets
     python -m tokalign mode=research hardware=h100
@@ -22,7 +23,6 @@ from tokalign.config import Config, ConfigError, to_config
 from tokalign.errors import TokalignError
 
 log = logging.getLogger("tokalign")
-OBJECTIVE_KEYS = ("bpb/stage2", "bpb/stage1", "bpb/init/tokalign")
 
 
 def apply_hardware(cfg: Config) -> None:
@@ -95,6 +95,14 @@ def finish_tracking(tracker: Any, run_dir: Path, exit_code: int) -> None:
     tracker.finish(exit_code=exit_code)
 
 
+def objective(cfg: Config, metrics: dict) -> Optional[float]:
+    """The value a sweep optimises: the first metric of ``cfg.optimized_metric`` the run produced (None if none)."""
+    for k in cfg.optimized_metric:
+        if isinstance(metrics.get(k), (int, float)):
+            return float(metrics[k])
+    return None
+
+
 def main_task(dcfg: DictConfig) -> Optional[float]:
     from tokalign.pipeline import run_pipeline
     from tokalign.tracking import make_tracker
@@ -125,12 +133,8 @@ def main_task(dcfg: DictConfig) -> Optional[float]:
               file=sys.stderr)
         raise SystemExit(2)
     assert summary is not None
-    metrics = summary["metrics"]
     log.info("summary: %s", run_dir / "summary.json")
-    for k in OBJECTIVE_KEYS:
-        if isinstance(metrics.get(k), (int, float)):
-            return float(metrics[k])
-    return None
+    return objective(cfg, summary["metrics"])
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

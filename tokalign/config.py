@@ -167,7 +167,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     keep_checkpoints: bool = False  # keep checkpoints in the cache after a stage succeeds (else deleted: ~2 x model size)
     resume_from_checkpoint: Optional[str] = None  # resume from this checkpoint folder (None = the latest in the stage output)
-    shuffle_buffer: int = 0  # >0: shuffle within a buffer of this many sequences (streamed corpora)
     lora_r: int = 16  # LoRA rank (stage 2 with stage2_use_lora)
     lora_alpha: int = 32  # LoRA scaling
     lora_dropout: float = 0.05  # LoRA dropout
@@ -264,6 +263,7 @@ class Config:
     dev_fraction: float = 0.1  # share of the non-held-out corpus kept out of training to choose settings on (stable hash)
     allow_eval_overlap: bool = False  # let training documents that are evaluation texts through (the summary counts them)
     corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
+    corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
     pivot_count: int = 300  # shared tokens used as pivots of the relative representations
     similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
     init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
@@ -278,6 +278,7 @@ class Config:
     cache_dir: str = ".cache/tokalign"  # content-addressed stage outputs, shared by the jobs of a sweep
     allow_pickle: bool = False  # allow loading .bin/.pt pickle weights (unsafe: runs code from the file)
     trust_remote_code: bool = False  # allow model code from the hub (unsafe)
+    optimized_metric: list[str] = field(default_factory=lambda: ["bpb/stage2", "bpb/stage1", "bpb/init/tokalign"])  # what a sweep optimises (the value `python -m tokalign` returns): the first of these metrics the run produced
     embed: EmbedConfig = field(default_factory=EmbedConfig)  # fastText settings
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)  # alignment preset
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # hardware profile
@@ -293,6 +294,7 @@ class Config:
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)", self.holdout_fraction)
         _check(0.0 <= self.dev_fraction < 0.5, "dev_fraction", "in [0, 0.5)", self.dev_fraction)
         _check(0.0 <= self.corpus_max_bad_share <= 1.0, "corpus_max_bad_share", "in [0, 1]", self.corpus_max_bad_share)
+        _check(0.0 <= self.corpus_max_bad_share <= 1.0, "corpus_max_bad_share", "in [0, 1]", self.corpus_max_bad_share)
         _check(self.pivot_count >= 2, "pivot_count", ">= 2", self.pivot_count)
         _check(-1.0 <= self.similarity_threshold <= 1.0, "similarity_threshold", "in [-1, 1]", self.similarity_threshold)
         bad = [m for m in self.init_methods if m not in INIT_METHODS]
@@ -302,15 +304,15 @@ class Config:
         _check(self.steps_stage1 >= 0, "steps_stage1", ">= 0", self.steps_stage1)
         _check(self.steps_stage2 >= 0, "steps_stage2", ">= 0", self.steps_stage2)
         _check(self.train_start_idx_stage2 >= -1, "train_start_idx_stage2", ">= -1 (-1 = after stage 1)", self.train_start_idx_stage2)
+        _check(len(self.optimized_metric) > 0, "optimized_metric", "a non-empty list of metric names", list(self.optimized_metric))
 
 
 def register_configs() -> None:
-    """Register the schemas so ``conf/config.yaml`` can name ``tokalign_schema`` first in its defaults."""
+    """Register the schema so ``conf/config.yaml`` can name ``tokalign_schema`` first in its defaults. The group
+    options (``conf/hardware/*.yaml``, ...) merge into its typed nodes, so they are checked without a schema of
+    their own (one stored in a group would be listed by ``--help`` as an option of that group)."""
     cs = ConfigStore.instance()
     cs.store(name="tokalign_schema", node=Config)
-    cs.store(group="alignment", name="tokalign_schema", node=AlignmentConfig)
-    cs.store(group="hardware", name="tokalign_schema", node=HardwareConfig)
-    cs.store(group="lr_schedule", name="tokalign_schema", node=LRScheduleConfig)
 
 
 def to_config(cfg: DictConfig) -> Config:

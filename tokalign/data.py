@@ -12,10 +12,6 @@ a pure function of (seed, index): a resumed run never repeats or skips data, eve
 fresh shuffle, and offsets are counted in *sequences*, independent of the number of GPUs, the
 micro-batch size and gradient accumulation. Stage 1 reads indices ``[0, steps1 * global_batch)``,
 stage 2 by default continues at ``steps1 * global_batch``.
-
-``cfg.train.shuffle_buffer`` (a bounded shuffle buffer) only makes sense for corpora streamed from
-disk; the token arrays here are held in memory, so a full permutation per pass is used and the
-buffer setting is ignored (the stage logs that when it is set).
 """
 
 from __future__ import annotations

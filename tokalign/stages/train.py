@@ -290,9 +290,6 @@ def train_stage(cfg, ctx, out: Path, stage: int, *, callbacks: Sequence[Any] = (
     global_batch = tc.micro_batch_size * tc.grad_accum * args.world_size
 
     # ---- data
-    if getattr(tc, "shuffle_buffer", 0):
-        log.info("[%s] train.shuffle_buffer=%d is ignored: the token arrays are in memory, so every pass is a full "
-                 "seeded permutation", name, tc.shuffle_buffer)
     blocks = pack_blocks(ids, offsets, eos_id, tc.seq_len, source=str(Path(tok_dir) / "target_ids.npy"))
     start_idx = _stage1_start(cfg, ctx, global_batch) if stage == 1 else _stage2_start(cfg, ctx, global_batch)
     dataset = PackedSequences(blocks, cfg.seed, start_idx, steps * global_batch)
