@@ -735,7 +735,8 @@ def compose_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray, blend:
     """Rows ``(1 - blend) * sum_k weight[:, k] * matrix[src[:, k]] + blend * fvt`` ([V_t, h] float32).
 
     A row that is exactly one source row (one slot of weight 1, blend 0) is copied bit for bit.
-    Rows whose weights are all zero take ``fvt`` (``blend`` is treated as 1 there).
+    Rows whose weights are all zero take ``fvt`` (``blend`` is treated as 1 there). Weights may be
+    negative (OMP's least-squares coefficients).
     """
     matrix = np.asarray(matrix)
     src = np.asarray(src, dtype=np.int64)
@@ -744,7 +745,7 @@ def compose_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray, blend:
     if weight.shape != (n, k):
         raise AlignmentError(f"compose_rows: weight shape {weight.shape} != src shape {src.shape}")
     blend = np.zeros(n, dtype=np.float32) if blend is None else np.asarray(blend, dtype=np.float32)
-    used = weight > 0
+    used = weight != 0
     if (src[used] < 0).any() or (src[used] >= matrix.shape[0]).any():
         raise AlignmentError(f"compose_rows: source ids outside [0, {matrix.shape[0]}) carry weight")
     empty = ~used.any(axis=1)
@@ -759,7 +760,7 @@ def compose_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray, blend:
         acc = np.zeros((int(mixed.sum()), matrix.shape[1]), dtype=np.float64)
         ms, mw = src[mixed], weight[mixed].astype(np.float64)
         for j in range(k):
-            sel = mw[:, j] > 0
+            sel = mw[:, j] != 0
             acc[sel] += mw[sel, j, None] * matrix[ms[sel, j]].astype(np.float64)
         bl = blend[mixed].astype(np.float64)[:, None]
         if fvt is not None and (bl > 0).any():
@@ -768,3 +769,136 @@ def compose_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray, blend:
     if empty.any():
         out[empty] = fvt[empty]
     return out
+
+
+def combine_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Rows ``sum_k weight[:, k] * matrix[src[:, k]]`` ([n, h] float32) over the slots with ``src >= 0``;
+    weights may be negative (OMP's least-squares coefficients). Rows without a slot are zero."""
+    src = np.asarray(src, dtype=np.int64)
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.shape != src.shape:
+        raise AlignmentError(f"combine_rows: weight shape {weight.shape} != src shape {src.shape}")
+    if (src >= matrix.shape[0]).any():
+        raise AlignmentError(f"combine_rows: source ids outside [0, {matrix.shape[0]})")
+    out = np.zeros((src.shape[0], matrix.shape[1]), dtype=np.float64)
+    for j in range(src.shape[1]):
+        sel = src[:, j] >= 0
+        out[sel] += weight[sel, j, None] * matrix[src[sel, j]].astype(np.float64)
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse combinations in the target-side fastText space (FOCUS, OMP)
+
+
+def sparsemax(z: np.ndarray) -> np.ndarray:
+    """Row-wise sparsemax (Martins & Astudillo 2016): the Euclidean projection of each row of ``z`` onto
+    the probability simplex ([n, m] float32; rows sum to 1, most entries exactly 0)."""
+    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    zs = -np.sort(-z, axis=1)
+    css = np.cumsum(zs, axis=1)
+    k = np.arange(1, z.shape[1] + 1)
+    k_z = (1.0 + k * zs > css).sum(axis=1)  # the support is a prefix of the sorted row
+    tau = (css[np.arange(z.shape[0]), k_z - 1] - 1.0) / k_z
+    return np.maximum(z - tau[:, None], 0.0).astype(np.float32)
+
+
+def omp(queries: np.ndarray, atoms: np.ndarray, k: int, candidates: Optional[np.ndarray] = None,
+        ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Orthogonal matching pursuit: each query as a combination of at most ``k`` atoms.
+
+    At each step the atom most correlated (in absolute value) with the residual joins the support and
+    the coefficients are refit by least squares on the whole support (``ridge`` keeps the normal
+    equations solvable). ``candidates`` [n, c] restricts each query's search to those atom indices (the
+    ``focus_omp_candidates`` prefilter); without it every atom is searched. Returns (atom indices int64
+    [n, k], coefficients float32 [n, k]); slots past the point where the residual vanished are -1 / 0.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    d = np.asarray(atoms, dtype=np.float64)
+    n = q.shape[0]
+    k = int(min(k, d.shape[0] if candidates is None else candidates.shape[1]))
+    cand = np.broadcast_to(np.arange(d.shape[0]), (n, d.shape[0])) if candidates is None else candidates
+    pool = d[cand]  # [n, c, dim]
+    rows = np.arange(n)
+    chosen = np.full((n, k), -1, dtype=np.int64)  # positions in cand
+    coef = np.zeros((n, k), dtype=np.float64)
+    resid = q.copy()
+    live = np.ones(n, dtype=bool)
+    for j in range(k):
+        corr = np.abs(np.einsum("ncd,nd->nc", pool, resid))
+        if j:
+            corr[rows[:, None], chosen[:, :j]] = -1.0
+        chosen[:, j] = corr.argmax(axis=1)
+        sub = pool[rows[:, None], chosen[:, :j + 1]]  # [n, j+1, dim]
+        gram = sub @ sub.transpose(0, 2, 1) + ridge * np.eye(j + 1)
+        rhs = np.einsum("njd,nd->nj", sub, q)
+        c = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
+        new_resid = q - np.einsum("nj,njd->nd", c, sub)
+        coef[live, :j + 1] = c[live]
+        resid[live] = new_resid[live]
+        live &= np.linalg.norm(resid, axis=1) > 1e-4 * np.maximum(np.linalg.norm(q, axis=1), 1e-12)
+        if not live.any():
+            chosen[:, j + 1:] = -1
+            break
+    idx = np.where(chosen >= 0, np.take_along_axis(np.asarray(cand), np.maximum(chosen, 0), axis=1), -1)
+    coef[idx < 0] = 0.0
+    return idx.astype(np.int64), coef.astype(np.float32)
+
+
+@dataclass
+class SparseCombos:
+    """FOCUS and OMP combinations of the overlapping tokens for each query row (indices are atom rows)."""
+
+    focus_idx: np.ndarray  # int64 [n, focus_k]: the atoms FOCUS mixes (-1 = unused)
+    focus_weight: np.ndarray  # float32 [n, focus_k]: sparsemax weights (rows sum to 1)
+    omp_idx: np.ndarray  # int64 [n, omp_k]: the atoms OMP chose (-1 = unused)
+    omp_coef: np.ndarray  # float32 [n, omp_k]: their least-squares coefficients
+    focus_truncated: int  # rows whose sparsemax support filled all focus_k slots (may be cut)
+
+
+def sparse_combinations(queries: np.ndarray, atoms: np.ndarray, *, focus_k: int = 64, omp_k: int = 8,
+                        candidates: int = 256, block_size: int = 4096, progress: bool = False) -> SparseCombos:
+    """FOCUS (sparsemax over the cosines to the atoms) and OMP (``omp_k`` atoms, least squares) for every
+    query, both on unit vectors. One blocked top-``candidates`` cosine search per query bounds the cost:
+    FOCUS takes sparsemax over the best ``focus_k`` cosines (exact unless the support fills them:
+    ``focus_truncated``), OMP searches those ``candidates`` atoms only."""
+    q = _unit_rows(queries)
+    a = _unit_rows(atoms)
+    c = max(focus_k, omp_k, min(candidates, a.shape[0]))
+    c = min(c, a.shape[0])
+    idx, cos = blocked_topk(q, a, c, block_size=block_size, progress=progress, desc="focus/omp")
+    fk = min(focus_k, c)
+    fw = sparsemax(cos[:, :fk])
+    f_idx = np.where(fw > 0, idx[:, :fk], -1)
+    truncated = int((fw[:, -1] > 0).sum()) if fk < a.shape[0] else 0
+    o_idx = np.full((q.shape[0], min(omp_k, c)), -1, dtype=np.int64)
+    o_coef = np.zeros(o_idx.shape, dtype=np.float32)
+    step = max(1, (1 << 22) // max(c * q.shape[1], 1))  # bounds the [rows, c, dim] float64 pool to ~32 MB
+    for i in range(0, q.shape[0], step):
+        o_idx[i:i + step], o_coef[i:i + step] = omp(q[i:i + step], a, omp_k, candidates=idx[i:i + step])
+    return SparseCombos(f_idx, np.where(fw > 0, fw, 0).astype(np.float32), o_idx, o_coef, truncated)
+
+
+# ----------------------------------------------------------------------------------------------
+# alignment quality as TokAlign reports it
+
+
+def alignment_bleu1(target_docs: Sequence[Sequence[int]], reference_docs: Sequence[Sequence[int]],
+                    mapping: np.ndarray) -> float:
+    """BLEU-1 (sacrebleu, unigram order, brevity penalty, in [0, 1]) of an alignment, as TokAlign scores it:
+    each document's target token ids mapped through ``mapping`` (target id -> source id; -1 = unmapped, dropped)
+    against the reference token ids of the same document (its source tokenization, or the target ids mapped
+    through a reference alignment). Identical tokenizers with the identity map score 1.0."""
+    import sacrebleu
+
+    if len(target_docs) != len(reference_docs) or not len(target_docs):
+        raise AlignmentError(f"alignment_bleu1: {len(target_docs)} mapped and {len(reference_docs)} reference "
+                             "documents (expected the same, non-zero number)")
+    mapping = np.asarray(mapping, dtype=np.int64)
+    hyps = []
+    for doc in target_docs:
+        m = mapping[np.asarray(doc, dtype=np.int64)]
+        hyps.append(" ".join(map(str, m[m >= 0].tolist())))
+    refs = [" ".join(map(str, doc)) for doc in reference_docs]
+    bleu = sacrebleu.metrics.BLEU(max_ngram_order=1, tokenize="none", effective_order=True)
+    return float(bleu.corpus_score(hyps, [refs]).score) / 100.0

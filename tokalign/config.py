@@ -37,7 +37,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tokalign.errors import TokalignError
 
-INIT_METHODS = ("random", "mean", "fvt", "tokalign_1to1", "tokalign")
+INIT_METHODS = ("random", "mean", "fvt", "focus", "omp", "tokalign_1to1", "tokalign")
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 WANDB_MODES = ("online", "offline", "disabled")
 SCORINGS = ("cos", "csls")
@@ -89,7 +89,11 @@ class AlignmentConfig:
     min_precision: float = 0.5  # align a token only above the margin at which held-out gold pairs are found this often (0 = off)
     seen_scale: float = 1.0  # scale of new (non-gold) rows for tokens the corpus produced
     unseen_scale: float = 0.8  # scale of new rows for tokens the corpus never produced (tied heads: less stolen mass); chosen on the dev split (module docstring)
-    special_match: str = "role"  # special tokens matched by role (bos->bos, eos->eos...) or by name
+    special_match: str = "role"  # special tokens matched by role (bos->bos, eos->eos...), by name, or none (ablation)
+    new_rows: str = "fvt"  # tokalign's rows for new tokens with a vector the similarity alignment left alone: fvt, focus or omp
+    focus_k: int = 64  # FOCUS: sparsemax over the cosines to this many nearest overlapping tokens (target fastText space)
+    omp_k: int = 8  # OMP: overlapping tokens combined per new token (orthogonal matching pursuit, least squares)
+    sparse_candidates: int = 256  # FOCUS/OMP: nearest overlapping tokens searched per new token (bounds time and memory)
 
     def __post_init__(self) -> None:
         _check(self.scoring in SCORINGS, "alignment.scoring", f"one of {SCORINGS}", self.scoring)
@@ -101,7 +105,12 @@ class AlignmentConfig:
         _check(0.0 <= self.min_precision <= 1.0, "alignment.min_precision", "in [0, 1]", self.min_precision)
         _check(self.seen_scale > 0 and self.unseen_scale > 0, "alignment.seen_scale/unseen_scale", "> 0",
                (self.seen_scale, self.unseen_scale))
-        _check(self.special_match in ("role", "name"), "alignment.special_match", "role or name", self.special_match)
+        _check(self.special_match in ("role", "name", "none"), "alignment.special_match", "role, name or none",
+               self.special_match)
+        _check(self.new_rows in ("fvt", "focus", "omp"), "alignment.new_rows", "fvt, focus or omp", self.new_rows)
+        _check(self.focus_k >= 1 and self.omp_k >= 1, "alignment.focus_k/omp_k", ">= 1", (self.focus_k, self.omp_k))
+        _check(self.sparse_candidates >= max(self.focus_k, self.omp_k), "alignment.sparse_candidates",
+               ">= alignment.focus_k and alignment.omp_k", self.sparse_candidates)
 
 
 @dataclass
@@ -263,7 +272,6 @@ class Config:
     dev_fraction: float = 0.1  # share of the non-held-out corpus kept out of training to choose settings on (stable hash)
     allow_eval_overlap: bool = False  # let training documents that are evaluation texts through (the summary counts them)
     corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
-    corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
     pivot_count: int = 300  # shared tokens used as pivots of the relative representations
     similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
     init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
@@ -293,7 +301,6 @@ class Config:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)", self.holdout_fraction)
         _check(0.0 <= self.dev_fraction < 0.5, "dev_fraction", "in [0, 0.5)", self.dev_fraction)
-        _check(0.0 <= self.corpus_max_bad_share <= 1.0, "corpus_max_bad_share", "in [0, 1]", self.corpus_max_bad_share)
         _check(0.0 <= self.corpus_max_bad_share <= 1.0, "corpus_max_bad_share", "in [0, 1]", self.corpus_max_bad_share)
         _check(self.pivot_count >= 2, "pivot_count", ">= 2", self.pivot_count)
         _check(-1.0 <= self.similarity_threshold <= 1.0, "similarity_threshold", "in [-1, 1]", self.similarity_threshold)

@@ -80,11 +80,14 @@ from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
-HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL = 0, 1, 2, 3
-HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special"}
+HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL, HOW_SPARSE = 0, 1, 2, 3, 4
+HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special", HOW_SPARSE: "sparse"}
+NEW_ROWS = ("fvt", "focus", "omp")
+SPECIAL_MATCHES = ("role", "name", "none")
 ROLE_ORDER = ("bos", "eos", "pad", "unk")
 # knobs read with getattr(cfg.alignment, name, default) until AlignmentConfig has them
-DEFAULTS = {"min_precision": 0.5, "seen_scale": 1.0, "unseen_scale": 0.8, "special_match": "role"}
+DEFAULTS = {"min_precision": 0.5, "seen_scale": 1.0, "unseen_scale": 0.8, "special_match": "role", "focus_k": 64,
+            "omp_k": 8, "sparse_candidates": 256, "new_rows": "fvt"}
 
 
 class AlignInputError(TokalignError, ValueError):
@@ -134,15 +137,73 @@ def role_map(target_roles: dict, source_roles: dict) -> dict[int, int]:
     return out
 
 
+def sparse_combinations(gold: np.ndarray, target_special: np.ndarray, t_ids: np.ndarray, t_vecs: np.ndarray, *,
+                        focus_k: int, omp_k: int, candidates: int, block_size: int = 4096,
+                        progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """FOCUS and OMP combinations for every new target token (no gold match, not special, with a vector),
+    in the target-side fastText space, over the overlapping tokens (gold, with a vector) as the dictionary.
+
+    Returns ``focus_src``/``focus_weight`` [V_t, focus_k] and ``omp_src``/``omp_weight`` [V_t, omp_k]: SOURCE
+    ids (the gold partners of the chosen overlapping tokens) and their weights; rows of other tokens are
+    -1 / 0. The weights are applied to the source model's rows by stage init."""
+    v_t = len(gold)
+    t_row = np.full(v_t, -1, dtype=np.int64)
+    t_row[t_ids] = np.arange(len(t_ids))
+    has = t_row >= 0
+    atoms = np.nonzero(has & (gold >= 0) & ~target_special)[0]
+    queries = np.nonzero(has & (gold < 0) & ~target_special)[0]
+    arrays = {"focus_src": np.full((v_t, focus_k), -1, dtype=np.int64),
+              "focus_weight": np.zeros((v_t, focus_k), dtype=np.float32),
+              "omp_src": np.full((v_t, omp_k), -1, dtype=np.int64),
+              "omp_weight": np.zeros((v_t, omp_k), dtype=np.float32)}
+    stats: dict[str, Any] = {"sparse_queries": int(len(queries)), "sparse_atoms": int(len(atoms))}
+    if len(atoms) < 2 or not len(queries):
+        log.warning("align: no FOCUS/OMP combinations (%d overlapping tokens with vectors, %d new tokens with "
+                    "vectors); those rows fall back to FVT", len(atoms), len(queries))
+        return arrays, stats
+    t0 = time.time()
+    sc = A.sparse_combinations(t_vecs[t_row[queries]], t_vecs[t_row[atoms]], focus_k=focus_k, omp_k=omp_k,
+                               candidates=candidates, block_size=block_size, progress=progress)
+    partner = gold[atoms]
+    for name, idx, w in (("focus", sc.focus_idx, sc.focus_weight), ("omp", sc.omp_idx, sc.omp_coef)):
+        arrays[f"{name}_src"][queries, :idx.shape[1]] = np.where(idx >= 0, partner[np.maximum(idx, 0)], -1)
+        arrays[f"{name}_weight"][queries, :idx.shape[1]] = w
+    stats.update(sparse_seconds=round(time.time() - t0, 3), focus_truncated=sc.focus_truncated,
+                 focus_support_mean=float((sc.focus_idx >= 0).sum(axis=1).mean()))
+    return arrays, stats
+
+
+def use_sparse_rows(how: np.ndarray, src: np.ndarray, weight: np.ndarray, s_src: np.ndarray,
+                    s_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FVT-fallback rows that have a FOCUS/OMP combination take it (``how = 4``); ``src``/``weight`` widen to fit."""
+    use = (how == HOW_FVT) & (s_src >= 0).any(axis=1)
+    width = max(src.shape[1], s_src.shape[1])
+    if width > src.shape[1]:
+        pad = width - src.shape[1]
+        src = np.pad(src, ((0, 0), (0, pad)), constant_values=-1)
+        weight = np.pad(weight, ((0, 0), (0, pad)))
+    src[use] = -1
+    weight[use] = 0.0
+    src[use, :s_src.shape[1]] = s_src[use]
+    weight[use, :s_src.shape[1]] = s_weight[use]
+    how = how.copy()
+    how[use] = HOW_SPARSE
+    return how, src, weight
+
+
 def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_vec: tuple, source_vec: tuple, *,
                       pivot_count: int, threshold: float, scoring: str = "csls", csls_k: int = 10, top_k: int = 1,
                       temperature: float = 0.05, block_size: int = 4096, blend_fvt: float = 0.0,
                       min_precision: float = DEFAULTS["min_precision"], seen_scale: float = DEFAULTS["seen_scale"],
                       unseen_scale: float = DEFAULTS["unseen_scale"], special_match: str = DEFAULTS["special_match"],
+                      focus_k: int = 64, omp_k: int = 8, sparse_candidates: int = 256, new_rows: str = "fvt",
                       progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The whole alignment as arrays (see the module docstring) plus statistics."""
-    if special_match not in ("role", "name"):
-        raise AlignInputError(f"config key 'alignment.special_match': expected role or name, got {special_match!r}")
+    if special_match not in SPECIAL_MATCHES:
+        raise AlignInputError(f"config key 'alignment.special_match': expected one of {SPECIAL_MATCHES}, got "
+                              f"{special_match!r}")
+    if new_rows not in NEW_ROWS:
+        raise AlignInputError(f"config key 'alignment.new_rows': expected one of {NEW_ROWS}, got {new_rows!r}")
     v_t, v_s = len(target), len(source)
     t_ids, t_vecs, t_counts = target_vec
     s_ids, s_vecs, s_counts = source_vec
@@ -241,6 +302,8 @@ def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_
     roles = role_map(target.roles, source.roles)
     if special_match == "name":  # a role token with a same-named source special keeps the name match
         roles = {t: s for t, s in roles.items() if not (0 <= t < v_t and gold[t] >= 0)}
+    if special_match == "none":  # ablation: special tokens are gold matches or FVT compositions like any other
+        roles = {}
     roles = {t: s for t, s in roles.items() if 0 <= t < v_t and 0 <= s < v_s}
     for t in roles:
         how[t] = HOW_SPECIAL
@@ -264,10 +327,15 @@ def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_
         src[al] = np.where(w > 0, top_src[al, :k], -1)
         weight[al] = w
         blend[al] = blend_fvt
+    sparse, sparse_stats = sparse_combinations(gold, target.special, t_ids, t_vecs, focus_k=focus_k, omp_k=omp_k,
+                                               candidates=sparse_candidates, block_size=block_size, progress=progress)
+    stats.update(sparse_stats)
+    if new_rows != "fvt":  # new tokens with a vector that the similarity alignment left alone: FOCUS/OMP rows
+        how, src, weight = use_sparse_rows(how, src, weight, sparse[f"{new_rows}_src"], sparse[f"{new_rows}_weight"])
     blend[how == HOW_FVT] = 1.0
     # new rows (neither gold nor special) are shrunk: they compete with the copied rows in the softmax
     scale = np.ones(v_t, dtype=np.float32)
-    new = (how == HOW_ALIGNED) | (how == HOW_FVT)
+    new = (how == HOW_ALIGNED) | (how == HOW_FVT) | (how == HOW_SPARSE)
     scale[new & has_vec] = seen_scale
     scale[new & ~has_vec] = unseen_scale
 
@@ -278,7 +346,8 @@ def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_
     stats["fvt_pieces_mean"] = float(np.diff(fvt.indptr)[gold < 0].mean()) if (gold < 0).any() else 0.0
 
     counts, edges = np.histogram(best_score[candidate], bins=40, range=(-1.0, 1.0))
-    for name, code in (("exact", HOW_GOLD), ("aligned", HOW_ALIGNED), ("fallback", HOW_FVT), ("special", HOW_SPECIAL)):
+    for name, code in (("exact", HOW_GOLD), ("aligned", HOW_ALIGNED), ("fallback", HOW_FVT), ("special", HOW_SPECIAL),
+                       ("sparse", HOW_SPARSE)):
         stats[f"{name}_count"] = int((how == code).sum())
     stats["target_with_vector"] = int(has_vec.sum())
     stats["source_with_vector"] = int(len(s_ids))
@@ -294,6 +363,7 @@ def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_
         "hist_counts": counts.astype(np.int64), "hist_edges": edges.astype(np.float32),
         "source_vocab": np.int64(v_s), "target_vocab": np.int64(v_t), "threshold": np.float32(threshold),
         "margin_threshold": np.float32(margin_min), "blend_fvt": np.float32(blend_fvt), "top_k": np.int64(k),
+        **sparse,
     }
     return arrays, stats
 

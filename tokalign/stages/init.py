@@ -49,7 +49,7 @@ from tokalign.errors import TokalignError
 log = logging.getLogger(__name__)
 
 ALIGN_KEYS = ("how", "src", "weight", "blend", "argmax_1to1", "fvt_indptr", "fvt_indices", "source_vocab")
-OPTIONAL_KEYS = ("scale",)  # per-row factor of the tokalign rows (1 where absent)
+OPTIONAL_KEYS = ("scale", "focus_src", "focus_weight", "omp_src", "omp_weight")  # scale: 1 where absent
 
 
 class InitInputError(TokalignError, ValueError):
@@ -112,6 +112,8 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
     info["fvt_empty"] = n_empty
     if method == "fvt":
         return fvt, info
+    if method in ("focus", "omp"):
+        return sparse_rows(method, base, al, fvt), info
     if method == "tokalign_1to1":
         choice = np.asarray(al["argmax_1to1"], dtype=np.int64).copy()
         unseen = choice < 0
@@ -129,6 +131,19 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
             info["scaled_rows"] = int(shrink.sum())
         return rows, info
     raise InitInputError(f"config key 'init_methods': unknown method {method!r}")
+
+
+def sparse_rows(method: str, base: np.ndarray, al: dict[str, np.ndarray], fvt: np.ndarray) -> np.ndarray:
+    """FOCUS or OMP rows: the stage-align combination of overlapping tokens' source rows where the token has
+    one, the FVT row (gold tokens: their own row) everywhere else."""
+    if f"{method}_src" not in al:
+        raise InitInputError(f"alignment.npz: missing key '{method}_src' (written by stage 'align' since the "
+                             f"{method} method exists; rerun align)")
+    src, w = al[f"{method}_src"], al[f"{method}_weight"]
+    rows = fvt.copy()
+    has = (src >= 0).any(axis=1)
+    rows[has] = A.combine_rows(base, src[has], w[has])
+    return rows
 
 
 def same_start(rows: np.ndarray, matrix: np.ndarray, start: tuple[Optional[int], Optional[int]]) -> None:
@@ -251,7 +266,7 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
     info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
             "start_token": {"target": start[0], "source": start[1]},
             "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
-            "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special"))}}
+            "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special", "sparse"))}}
     (out / "info.json").write_text(json.dumps(info, indent=1))
     seconds = round(time.time() - t0, 3)
     metrics: dict[str, Any] = {"init/seconds": seconds, "init/vocab_size": int(len(tok)), "init/tied": int(tied)}
