@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,10 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from tokalign.config import Config, EvalConfig, LRScheduleConfig, TrainConfig, default_assets_dir  # noqa: E402
 from tokalign.context import Context  # noqa: E402
@@ -125,3 +130,92 @@ def load_sd(folder: Path) -> dict[str, torch.Tensor]:
 
     m = AutoModelForCausalLM.from_pretrained(str(folder))
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tiny tokenizers and models for the metrics and evaluation tests
+
+def byte_tokenizer(bos: bool = True, eos: bool = True) -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (ids 3..258); <unk>=0, <s>=1, </s>=2."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    kw = {"unk_token": "<unk>"}
+    if bos:
+        kw["bos_token"] = "<s>"
+    if eos:
+        kw["eos_token"] = "</s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
+
+
+def tiny_llama(vocab: int = 300, seed: int = 0, positions: int = 512) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    m = LlamaForCausalLM(cfg)
+    # larger weights than the default init, so the model has real preferences
+    with torch.no_grad():
+        m.get_input_embeddings().weight.normal_(0, 1.0)
+    return m.eval()
+
+
+TEXTS = ["hello world", "Héllo, ünïcode — 5 µg/kg!", "abc", "The patient was treated with metformin."]
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+class MarkerModel(torch.nn.Module):
+    """Prefers the answer tied to a marker word in the context: alpha -> yes, beta -> no, gamma -> maybe."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.vocab = len(tok)
+        self.pref = {tok.convert_tokens_to_ids(m): tok.convert_tokens_to_ids(a)
+                     for m, a in [("alpha", "yes"), ("beta", "no"), ("gamma", "maybe")]}
+        self.config = SimpleNamespace(vocab_size=self.vocab, max_position_embeddings=64)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            for m, a in self.pref.items():
+                if (input_ids[b] == m).any():
+                    logits[b, :, a] = 4.0
+        return SimpleNamespace(logits=logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a small corpus and byte-level BPE tokenizers for the alignment and initialisation tests
+
+CORPUS = [
+    "The patients with hypertension were treated with beta blockers.",
+    "Blood pressure was measured twice daily in all patients.",
+    "Results: the treatment reduced the mean arterial pressure significantly.",
+    "Café naïve coöperation — résumé: 血压 and 高血压 in Chinese.",
+    "Methods\n\tWe enrolled 120 subjects; 60 received placebo.",
+] * 4
+
+
+def make_tokenizer(vocab_size, texts, specials, roles):
+    """A small GPT-style byte-level BPE (every byte has a token), wrapped as a fast HF tokenizer with these roles."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})

@@ -8,30 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import CORPUS, make_tokenizer
 from tokalign import alignment as A
-
-CORPUS = [
-    "The patients with hypertension were treated with beta blockers.",
-    "Blood pressure was measured twice daily in all patients.",
-    "Results: the treatment reduced the mean arterial pressure significantly.",
-    "Café naïve coöperation — résumé: 血压 and 高血压 in Chinese.",
-    "Methods\n\tWe enrolled 120 subjects; 60 received placebo.",
-] * 4
-
-
-def make_tokenizer(vocab_size, texts, specials, roles):
-    """A small GPT-style byte-level BPE (every byte has a token), wrapped as a fast HF tokenizer with these roles."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})
-
 
 def bytelevel_tokenizer(vocab_size: int, texts=CORPUS, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
     return make_tokenizer(vocab_size, texts, specials,
@@ -314,8 +292,8 @@ def test_fvt_spm_source_uses_byte_tokens_for_invalid_utf8():
     res = A.fvt_decompose(target, source, src_tok, gold)
     toks = lambda i: [source.tokens[j] for j in _pieces(res, i)]  # noqa: E731
     assert toks(0) == ["▁blood"]
-    assert toks(2)[0] == "▁" and "".join(toks(2)).replace("▁", " ") in (" café", " caf<0xC3><0xA9>") or \
-        "".join(source.canon[j] for j in _pieces(res, 2)) == " café"
+    assert toks(2)[0] == "▁"  # the word-start piece, then pieces whose bytes spell "café" (é may be byte tokens)
+    assert "".join(source.canon[j] for j in _pieces(res, 2)) == " café"
     assert toks(3) == ["<0xC3>", "<0x83>"]  # "Ãĥ" is bytes C3 83: valid UTF-8 "Ã" -> byte fallback pieces
     assert toks(6) == ["<0xC3>"]  # a lone lead byte
     assert "".join(source.canon[j] for j in _pieces(res, 5)) == " hello"

@@ -16,9 +16,7 @@ from tokalign import metrics as M
 from tokalign.config import Config, EvalConfig
 from tokalign.stages import evaluate as E
 from tokalign.context import Context
-from tokalign.tracking import NullTracker
-from test_metrics import MarkerModel, byte_tokenizer, word_tokenizer
-from conftest import RecordingTracker
+from conftest import MarkerModel, RecordingTracker, byte_tokenizer, word_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 

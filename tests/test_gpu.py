@@ -11,8 +11,7 @@ import torch
 from tokalign import metrics as M
 from tokalign.config import HardwareConfig
 from tokalign.stages import train
-from test_metrics import TEXTS, byte_tokenizer, tiny_llama
-from test_train import load_sd, make_cfg, make_workspace
+from conftest import TEXTS, byte_tokenizer, load_sd, make_cfg, make_workspace, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

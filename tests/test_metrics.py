@@ -12,47 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import TEXTS, MarkerModel, byte_tokenizer, tiny_llama, word_tokenizer
 from tokalign import metrics as M
+from tokalign.config import default_assets_dir
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-if os.environ.get("TOKALIGN_ASSETS"):
-    ASSETS = Path(os.environ["TOKALIGN_ASSETS"])
+ASSETS = default_assets_dir()
 
 
 # ---------------------------------------------------------------------------- tiny fixtures
-
-
-def byte_tokenizer(bos: bool = True, eos: bool = True) -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 3..258); <unk>=0, <s>=1, </s>=2."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    kw = {"unk_token": "<unk>"}
-    if bos:
-        kw["bos_token"] = "<s>"
-    if eos:
-        kw["eos_token"] = "</s>"
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
-
-
-def tiny_llama(vocab: int = 300, seed: int = 0, positions: int = 512) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(cfg)
-    # larger weights than the default init, so the model has real preferences
-    with torch.no_grad():
-        m.get_input_embeddings().weight.normal_(0, 1.0)
-    return m.eval()
 
 
 def manual_nll(model, seq: list[int]) -> float:
@@ -61,9 +30,6 @@ def manual_nll(model, seq: list[int]) -> float:
         logits = model(torch.tensor([seq])).logits[0].double()
     lp = torch.log_softmax(logits, -1)
     return -sum(float(lp[t - 1, seq[t]]) for t in range(1, len(seq)))
-
-
-TEXTS = ["hello world", "Héllo, ünïcode — 5 µg/kg!", "abc", "The patient was treated with metformin."]
 
 
 @pytest.fixture(scope="module")
@@ -202,35 +168,6 @@ def test_empty_input_is_rejected(tok, llama):
 
 
 # ---------------------------------------------------------------------------- PubMedQA
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-class MarkerModel(torch.nn.Module):
-    """Prefers the answer tied to a marker word in the context: alpha -> yes, beta -> no, gamma -> maybe."""
-
-    def __init__(self, tok):
-        super().__init__()
-        self.vocab = len(tok)
-        self.pref = {tok.convert_tokens_to_ids(m): tok.convert_tokens_to_ids(a)
-                     for m, a in [("alpha", "yes"), ("beta", "no"), ("gamma", "maybe")]}
-        self.config = SimpleNamespace(vocab_size=self.vocab, max_position_embeddings=64)
-
-    def forward(self, input_ids, attention_mask=None, **kw):
-        B, T = input_ids.shape
-        logits = torch.zeros(B, T, self.vocab)
-        for b in range(B):
-            for m, a in self.pref.items():
-                if (input_ids[b] == m).any():
-                    logits[b, :, a] = 4.0
-        return SimpleNamespace(logits=logits)
 
 
 def test_pubmedqa_picks_the_answer_the_model_prefers():
@@ -374,6 +311,15 @@ def test_smollm2_bits_per_byte_on_pubmedqa_abstracts():
     assert 0.5 < r["bpb"] < 2.0
     # the fast decoder/head path is the one used for the real model
     assert M._head_path_ok(model, torch.device("cpu"))
-    # and PubMedQA scoring runs on real prompts (single-token answers under this tokenizer)
-    q = M.pubmedqa_accuracy(model, tok, ex, batch_size=3, progress=False)
-    assert q["n"] == 3 and all(len(v) == 1 for v in q["answer_tokens"].values())
+    # and PubMedQA on the smoke mode's 30 stratified test questions reproduces the README's source figures
+    # (accuracy 0.467 = 14 of 30, macro-F1 0.328, majority rate 0.567: "Smoke mode" results)
+    from tokalign import stats
+
+    ex30 = M.load_pubmedqa(pqal, ASSETS / "pubmedqa" / "test_ground_truth.json", n=30, seed=0)
+    q = M.pubmedqa_accuracy(model, tok, ex30, batch_size=4, progress=False, fmt="context")
+    labels, preds = [p["label"] for p in q["predictions"]], [p["pred"] for p in q["predictions"]]
+    assert all(len(v) == 1 for v in q["answer_tokens"].values())  # single-token answers under this tokenizer
+    assert q["n"] == 30 and q["correct"] == sum(a == b for a, b in zip(labels, preds)) == 14
+    assert q["accuracy"] == pytest.approx(14 / 30)
+    assert stats.macro_f1(labels, preds, M.PUBMEDQA_LABELS) == pytest.approx(0.328, abs=5e-4)
+    assert stats.majority_rate(labels) == pytest.approx(17 / 30)
