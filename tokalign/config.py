@@ -94,6 +94,7 @@ class AlignmentConfig:
     focus_k: int = 64  # FOCUS: sparsemax over the cosines to this many nearest overlapping tokens (target fastText space)
     omp_k: int = 8  # OMP: overlapping tokens combined per new token (orthogonal matching pursuit, least squares)
     sparse_candidates: int = 256  # FOCUS/OMP: nearest overlapping tokens searched per new token (bounds time and memory)
+    reference_pairs: Optional[str] = None  # JSON {target id: source id} a reference alignment; align/bleu1 then scores against it instead of the source tokenization
 
     def __post_init__(self) -> None:
         _check(self.scoring in SCORINGS, "alignment.scoring", f"one of {SCORINGS}", self.scoring)

@@ -325,6 +325,8 @@ def run_init(cfg: Config, ctx: Context, out: Path) -> dict:
         metrics.update(paired_metrics(a, "source", per_method[a], src, cfg.seed))
         for b in methods[i + 1:]:
             metrics.update(paired_metrics(a, b, per_method[a], per_method[b], cfg.seed))
+    if ctx.has("align") and ctx.has("tokenize"):
+        metrics.update(alignment_bleu(cfg, ctx, texts))
     best = min(per_method, key=lambda m: per_method[m]["bpb"])
     metrics.update({"bpb/init_best": metrics[f"bpb/init/{best}"], "eval/target_tokens": per_method[best]["tokens"]})
     detail = {"init": per_method, "primary": info.get("primary"), "best_method": best, "docs": len(texts),
@@ -334,6 +336,43 @@ def run_init(cfg: Config, ctx: Context, out: Path) -> dict:
     (out / "bpb.json").write_text(json.dumps(detail, indent=1))
     _init_report(ctx, out, metrics, methods, len(texts))
     return metrics
+
+
+def alignment_bleu(cfg: Config, ctx: Context, texts: list[str]) -> dict:
+    """TokAlign's figure of alignment quality, ``align/bleu1``: the evaluation text's target tokenization mapped
+    through the published 1:1 alignment (``argmax_1to1``: gold pairs, else the nearest source token) into source
+    ids, scored by BLEU-1 against the source tokenization of the same text, or against the target tokenization
+    mapped through ``alignment.reference_pairs`` when that is given."""
+    import numpy as np
+
+    from tokalign.alignment import alignment_bleu1
+
+    mapping = np.load(ctx.path("align") / "alignment.npz")["argmax_1to1"]
+    tgt = refs.load_tokenizer(str(ctx.path("tokenize") / "target_tokenizer"))
+    t_docs = tgt(texts, add_special_tokens=False)["input_ids"]
+    if cfg.alignment.reference_pairs:
+        ref_map = reference_map(Path(cfg.alignment.reference_pairs), len(mapping))
+        ref_docs = [[int(ref_map[t]) for t in d if ref_map[t] >= 0] for d in t_docs]
+    else:
+        src = refs.load_tokenizer(str(ctx.path("source") / "model"))
+        ref_docs = src(texts, add_special_tokens=False)["input_ids"]
+    return {"align/bleu1": alignment_bleu1(t_docs, ref_docs, mapping)}
+
+
+def reference_map(path: Path, target_vocab: int) -> Any:
+    """target id -> source id (-1: no reference) from ``alignment.reference_pairs`` (JSON {target id: source id})."""
+    import numpy as np
+
+    pairs = _read_json(path, "given as alignment.reference_pairs")
+    if not isinstance(pairs, dict):
+        raise EvalInputError(f"{path}: expected a JSON object {{target id: source id}} (alignment.reference_pairs)")
+    out = np.full(target_vocab, -1, dtype=np.int64)
+    for k, v in pairs.items():
+        if not (str(k).isdigit() and isinstance(v, int) and 0 <= int(k) < target_vocab and v >= 0):
+            raise EvalInputError(f"{path}: entry {k!r}: {v!r} is not a target id below {target_vocab} mapped to a "
+                                 "source id (alignment.reference_pairs)")
+        out[int(k)] = v
+    return out
 
 
 def paired(metrics: dict, a: str, b: str) -> tuple[float, list[float]]:
