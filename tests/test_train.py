@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -120,25 +121,29 @@ def test_tracker_gets_namespaced_metrics(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # learning-rate schedules
 
-def _lrs(name, steps=20, warmup=0.1, **kw):
-    import math as _m
+def _lrs_at(name, out, steps=20, warmup=0.1, **kw):
+    """The learning rate at each step as the stage sets it up: the stage's own TrainingArguments (schedule, its
+    kwargs and the warmup share, as ``train_stage`` passes them) and the scheduler transformers' Trainer builds
+    from them (``create_scheduler``: the warmup steps come from the arguments, not from this test)."""
+    from transformers import Trainer
 
-    from transformers import get_scheduler
-
-    cfg = make_cfg(lr_schedule=LRScheduleConfig(name=name, warmup_ratio=warmup, **kw))
-    sched, sched_kw = train.lr_scheduler_args(cfg, steps)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = get_scheduler(sched, optimizer=opt, num_warmup_steps=_m.ceil(warmup * steps), num_training_steps=steps,
-                      scheduler_specific_kwargs=sched_kw)
-    out = []
+    cfg = make_cfg(steps_stage1=steps, lr_stage1=1.0, lr_schedule=LRScheduleConfig(name=name, warmup_ratio=warmup,
+                                                                                     **kw))
+    args = train.training_arguments(cfg, train.STAGE1, out)
+    assert args.max_steps == steps and args.learning_rate == 1.0
+    trainer = Trainer(model=toy_model(True), args=args)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    s = trainer.create_scheduler(num_training_steps=steps, optimizer=opt)
+    lrs = []
     for _ in range(steps):
-        out.append(opt.param_groups[0]["lr"])
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         s.step()
-    return np.array(out)
+    return np.array(lrs)
 
 
-def test_lr_schedules_follow_the_config():
+def test_lr_schedules_follow_the_config(tmp_path):
+    _lrs = functools.partial(_lrs_at, out=tmp_path)
     cos = _lrs("cosine")
     assert cos[0] == 0 and cos[2] == pytest.approx(1.0) and cos[-1] < 0.02 and np.all(np.diff(cos[2:]) <= 0)
     cos_min = _lrs("cosine", min_lr_ratio=0.1)

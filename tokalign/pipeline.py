@@ -13,12 +13,10 @@ Run it:  python -m tokalign            (smoke mode on the demo assets)
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from omegaconf import OmegaConf
 from tokalign import cache
 from tokalign.context import Context
 from tokalign.distributed import launched
+from tokalign.modelfacts import free_memory
 from tokalign.config import Config
 from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, terms, tokenize, train
 from tokalign.tracking import NullTracker
@@ -120,10 +119,7 @@ def write_summary(run_dir: Path, metrics: dict, stages: dict, extra: Optional[di
 def release_memory() -> None:
     """Drop what a finished stage left behind (host garbage, the CUDA allocator's cached blocks), so a long
     run or the next job of a serial multirun starts from a clean GPU."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Optional[list[Stage]] = None) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
+
 from tokalign.artifacts import BadRecords, CorpusError, iter_records, read_utf8, text_hash, write_jsonl
 from tokalign.config import Config
 from tokalign.context import Context

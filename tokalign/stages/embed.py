@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from tokalign.artifacts import docs_of, load_stream
-from tokalign.errors import TokalignError
 from tokalign.config import Config
 from tokalign.context import Context
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ Run alone:  python -m tokalign   (the pipeline runs these after ``init`` and the
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,9 +41,10 @@ import torch
 from tokalign import metrics as M
 from tokalign import refs, stats
 from tokalign.artifacts import ArtifactError, read_texts
-from tokalign.errors import TokalignError
 from tokalign.config import Config
 from tokalign.context import Context
+from tokalign.errors import TokalignError
+from tokalign.modelfacts import free_memory, is_tied
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,6 @@ def _load(model_dir: Path, cfg: Any) -> tuple[Any, Any]:
     tok = refs.load_tokenizer(str(model_dir), trust_remote_code=cfg.trust_remote_code)
     model.eval()
     return model, tok
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _bpb(model: Any, tok: Any, texts: list[str], cfg: Any, desc: str) -> dict:
@@ -180,7 +175,7 @@ def apply_rows(model: Any, rows_path: Path, tied: Optional[bool] = None) -> None
     head_mod = model.get_output_embeddings()
     head = head_mod.weight if head_mod is not None else None
     if tied is None:
-        tied = head is None or head is emb
+        tied = is_tied(model)
     if "embed" not in tensors:
         raise EvalInputError(f"{rows_path}: missing tensor 'embed'")
     with torch.no_grad():
@@ -267,7 +262,7 @@ def run_source(cfg: Config, ctx: Context, out: Path) -> dict:
     (out / "pubmedqa.json").write_text(json.dumps(detail["pubmedqa"], indent=1))
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     del model
-    _free()
+    free_memory()
     return metrics
 
 
@@ -306,7 +301,7 @@ def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tu
         m, pq_detail["init"] = pubmedqa_scores(model, tok, examples, cfg, "init")
         metrics.update(m)
     del model
-    _free()
+    free_memory()
     return per_method, metrics, pq_detail
 
 
@@ -536,64 +531,91 @@ def _final_model(ctx: Any) -> tuple[list[tuple[str, Path]], Optional[str]]:
     return trained, final
 
 
-def run_final(cfg: Config, ctx: Context, out: Path) -> dict:
-    """Bits per byte of the trained models against init and source, PubMedQA of the final model, plots, samples."""
-    _setup_torch(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {}
-    errors: list[str] = []
+@dataclass
+class _FinalRun:
+    """What stage ``evaluate`` gathers: its metrics, the fail-soft errors, what ``final.json`` records, sample rows."""
 
-    def record(key: str, msg: str) -> None:
-        metrics[key] = msg
-        errors.append(f"{key}: {msg}")
+    metrics: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    sample_rows: list[list[str]] = field(default_factory=list)
+
+    def record(self, key: str, msg: str) -> None:
+        """A problem with a data file or a plot: kept as ``key`` and in ``eval/errors``, never raised."""
+        self.metrics[key] = msg
+        self.errors.append(f"{key}: {msg}")
         log.warning("evaluate: %s: %s", key, msg)
 
-    trained, final_name = _final_model(ctx)
+
+def _final_inputs(cfg: Config, ctx: Context, run: _FinalRun,
+                  trained: list) -> tuple[Optional[list[str]], Optional[list[dict]], dict[str, dict]]:
+    """The eval texts and PubMedQA questions (only when a trained model is scored; a missing file is recorded), and
+    the upstream per-document results the trained models are compared with."""
     texts: Optional[list[str]] = None
     if trained:
         try:
             texts = eval_texts(cfg, ctx)
         except EvalInputError as e:
-            record("bpb/error", str(e))
+            run.record("bpb/error", str(e))
     upstream_bpb, pq_detail, source_samples = _upstream(ctx)
     examples, pq = pubmedqa_examples(cfg) if trained else (None, {})
     if "pubmedqa/error" in pq:
-        record("pubmedqa/error", pq.pop("pubmedqa/error"))
-    metrics.update(pq)
-    detail: dict[str, Any] = {"bpb": {}, "pubmedqa": pq_detail, "samples": {"source": source_samples}}
-    sample_rows: list[list[str]] = [["source", p, g] for p, g in source_samples.items()]
-    models = list(trained)
-    if not trained and ctx.has("init"):
-        models.append(("init", ctx.path("init") / "model"))
+        run.record("pubmedqa/error", pq.pop("pubmedqa/error"))
+    run.metrics.update(pq)
+    run.detail.update({"bpb": {}, "pubmedqa": pq_detail, "samples": {"source": source_samples}})
+    run.sample_rows += [["source", p, g] for p, g in source_samples.items()]
+    return texts, examples, upstream_bpb
+
+
+def _score_trained(name: str, model: Any, tok: Any, texts: list[str], cfg: Config, run: _FinalRun,
+                   upstream_bpb: dict[str, dict]) -> None:
+    """Bits per byte of a trained model, compared with every model scored before it on the same documents."""
+    r = _bpb(model, tok, texts, cfg, f"bpb {name}")
+    earlier = {**upstream_bpb, **{k: v for k, v in run.detail["bpb"].items() if k != name}}
+    run.detail["bpb"][name] = r
+    run.metrics.update(bpb_metrics(f"bpb/{name}", r, cfg.seed))
+    run.metrics.update(_compare_trained(name, r, earlier, cfg.seed))
+    log.info("bpb %s: %.4f [%.4f, %.4f]", name, run.metrics[f"bpb/{name}"], *run.metrics[f"bpb/{name}/ci95"])
+
+
+def _score_final(name: str, model: Any, tok: Any, examples: Optional[list[dict]], cfg: Config,
+                 run: _FinalRun) -> None:
+    """PubMedQA and the sample generations of the final model (samples are illustrative: a failure is recorded)."""
+    if examples is not None:
+        m, run.detail["pubmedqa"][name] = pubmedqa_scores(model, tok, examples, cfg, name)
+        run.metrics.update(m)
+    try:
+        gens = generate_samples(model, tok, device=cfg.hardware.device)
+        run.detail["samples"][name] = dict(zip(SAMPLE_PROMPTS, gens))
+        run.sample_rows += [[name, p, g] for p, g in zip(SAMPLE_PROMPTS, gens)]
+    except Exception as e:  # never fail the stage for them
+        run.record(f"samples/error/{name}", f"{type(e).__name__}: {e}")
+
+
+def run_final(cfg: Config, ctx: Context, out: Path) -> dict:
+    """Bits per byte of the trained models against init and source, PubMedQA of the final model, plots, samples."""
+    _setup_torch(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _FinalRun()
+    trained, final_name = _final_model(ctx)
+    texts, examples, upstream_bpb = _final_inputs(cfg, ctx, run, trained)
+    models = trained or ([("init", ctx.path("init") / "model")] if ctx.has("init") else [])
     for name, mdir in models:
         model, tok = _load(mdir, cfg)
         if texts is not None and name in ("stage1", "stage2"):
-            r = _bpb(model, tok, texts, cfg, f"bpb {name}")
-            detail["bpb"][name] = r
-            metrics.update(bpb_metrics(f"bpb/{name}", r, cfg.seed))
-            metrics.update(_compare_trained(name, r, {**upstream_bpb, **{k: v for k, v in detail["bpb"].items()
-                                                                           if k != name}}, cfg.seed))
-            log.info("bpb %s: %.4f [%.4f, %.4f]", name, metrics[f"bpb/{name}"], *metrics[f"bpb/{name}/ci95"])
-        if examples is not None and name == final_name:
-            m, pq_detail[name] = pubmedqa_scores(model, tok, examples, cfg, name)
-            metrics.update(m)
+            _score_trained(name, model, tok, texts, cfg, run, upstream_bpb)
         if name == final_name:
-            try:
-                gens = generate_samples(model, tok, device=cfg.hardware.device)
-                detail["samples"][name] = dict(zip(SAMPLE_PROMPTS, gens))
-                sample_rows += [[name, p, g] for p, g in zip(SAMPLE_PROMPTS, gens)]
-            except Exception as e:  # samples are illustrative; never fail the stage for them
-                record(f"samples/error/{name}", f"{type(e).__name__}: {e}")
+            _score_final(name, model, tok, examples, cfg, run)
         del model, tok
-        _free()
-    _final_summary(metrics, final_name)
-    _final_report(ctx, metrics, detail, sample_rows, record)
-    if errors:
-        metrics["eval/errors"] = errors
-    detail["metrics"] = metrics
-    (out / "final.json").write_text(json.dumps(detail, indent=1, default=str))
-    return metrics
+        free_memory()
+    _final_summary(run.metrics, final_name)
+    _final_report(ctx, run.metrics, run.detail, run.sample_rows, run.record)
+    if run.errors:
+        run.metrics["eval/errors"] = run.errors
+    run.detail["metrics"] = run.metrics
+    (out / "final.json").write_text(json.dumps(run.detail, indent=1, default=str))
+    return run.metrics
 
 
 def _final_summary(metrics: dict, final_name: Optional[str]) -> None:

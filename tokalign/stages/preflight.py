@@ -17,9 +17,10 @@ import platform
 import shutil
 import sys
 from pathlib import Path
-from tokalign.errors import TokalignError
+
 from tokalign.config import Config
 from tokalign.context import Context
+from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,32 @@
+"""Facts about a loaded model that several stages need, each decided by one rule here.
+
+* ``is_tied``: whether the output head has no matrix of its own (init writes one matrix, training trains
+  one, evaluation applies one);
+* ``free_memory``: what a stage runs after dropping a model, so the next one starts from a clean allocator.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+
+def is_tied(model: Any) -> bool:
+    """True when the output head is the input embedding: there is no head, its weight is the embedding's (the same
+    tensor or the same storage), or the model's config declares the two tied."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return True
+    emb = model.get_input_embeddings().weight
+    if head.weight is emb or head.weight.data_ptr() == emb.data_ptr():
+        return True
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def free_memory() -> None:
+    """Collect host garbage and return the CUDA allocator's cached blocks (torch is not imported for this)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
