@@ -1,12 +1,14 @@
 """The whole flow on one screen: the ordered stages, what each reads, and which config keys it uses.
 
-Every stage is a module under ``tokalign/stages`` with ``run(cfg, ctx, out) -> dict`` of metrics:
-it reads its inputs from ``ctx.path(<upstream stage>)`` (an error for a stage it does not list in ``inputs``,
-or one that did not run; ``ctx.has`` asks whether an optional one ran), writes its artifacts into ``out`` and
-never imports another stage. Outputs are cached by content (``tokalign/cache.py``): the key of a
-stage hashes the values of its ``keys`` and the keys of its ``inputs``, so a sweep over
-``lr_stage1`` reuses tokenization, embeddings, alignment and initialisation, and a sweep over
-``similarity_threshold`` recomputes from ``align`` on.
+Every stage is a module under ``tokalign/stages`` with ``run(cfg: Config, ctx: Context, out: Path) -> dict`` of
+metrics: it reads its inputs from ``ctx.path(<upstream stage>)`` (``tokalign/context.py``: an error for a stage it
+does not list in ``inputs``, or one that did not run; ``ctx.has`` asks whether an optional one ran), writes its
+artifacts into ``out`` and never imports another stage (files several stages share are read and written by
+``tokalign/artifacts.py``; ``tests/test_layout.py`` checks the rule). Outputs are cached by content
+(``tokalign/cache.py``): the key of a stage hashes the values of its ``keys`` (and of ``keys_if(cfg)``, keys it
+depends on only in some configs), and the keys of its ``inputs``, so a sweep over ``lr_stage1`` reuses
+tokenization, embeddings, alignment and initialisation, and a sweep over ``similarity_threshold`` recomputes from
+``align`` on.
 
 Run it:  python -m tokalign            (smoke mode on the demo assets)
 """

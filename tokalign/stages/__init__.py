@@ -1,1 +1,2 @@
-"""Pipeline stages: one module each, ``run(cfg, ctx, out) -> dict`` of metrics. See ``tokalign/pipeline.py``."""
+"""Pipeline stages: one module each, ``run(cfg: Config, ctx: Context, out: Path) -> dict`` of metrics; no stage
+imports another (``tests/test_layout.py``). See ``tokalign/pipeline.py``."""
