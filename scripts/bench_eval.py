@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
 
     from tokalign import metrics as M
     from tokalign import refs
-    from tokalign.stages.corpus import iter_records
+    from tokalign.artifacts import iter_records
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import SMOLLM2  # noqa: E402
