@@ -78,3 +78,43 @@ def test_the_import_graph_has_no_cycle():
     for n in sorted(g):
         if n not in state:
             visit(n, [])
+
+
+def _stage_reads(path: Path) -> set[str]:
+    """Stage names a module passes to ``ctx.path`` / ``ctx.has`` / a ``_need(ctx, name)`` helper as literals
+    (f-strings like ``f"train_{n}"`` count with their constant parts, ``train_*``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        is_ctx = isinstance(f, ast.Attribute) and f.attr in ("path", "has") and isinstance(f.value, ast.Name) \
+            and f.value.id == "ctx"
+        is_need = isinstance(f, ast.Name) and f.id == "_need"
+        if not (is_ctx or is_need) or not node.args:
+            continue
+        arg = node.args[-1]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            names.add(arg.value)
+        elif isinstance(arg, ast.JoinedStr):
+            names.add("".join(v.value if isinstance(v, ast.Constant) else "*" for v in arg.values))
+    return names
+
+
+def test_every_input_a_stage_module_reads_is_declared_in_STAGES():
+    import fnmatch
+
+    from tokalign.pipeline import STAGES
+
+    declared: dict[str, set[str]] = {}
+    for st in STAGES:
+        fn = getattr(st.run, "__wrapped__", st.run)
+        declared.setdefault(fn.__module__, set()).update(st.inputs)
+    assert len(declared) >= 9
+    undeclared = {}
+    for module, inputs in declared.items():
+        reads = _stage_reads(PKG.parent / (module.replace(".", "/") + ".py"))
+        bad = sorted(r for r in reads if not any(fnmatch.fnmatch(i, r) for i in inputs))
+        if bad:
+            undeclared[module] = bad
+    assert not undeclared, undeclared
