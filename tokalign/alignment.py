@@ -813,8 +813,8 @@ def omp(queries: np.ndarray, atoms: np.ndarray, k: int, candidates: Optional[np.
     ``focus_omp_candidates`` prefilter); without it every atom is searched. Returns (atom indices int64
     [n, k], coefficients float32 [n, k]); slots past the point where the residual vanished are -1 / 0.
     """
-    q = np.asarray(queries, dtype=np.float64)
-    d = np.asarray(atoms, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float32)  # float32 products, float64 solves
+    d = np.asarray(atoms, dtype=np.float32)
     n = q.shape[0]
     k = int(min(k, d.shape[0] if candidates is None else candidates.shape[1]))
     cand = np.broadcast_to(np.arange(d.shape[0]), (n, d.shape[0])) if candidates is None else candidates
@@ -824,19 +824,20 @@ def omp(queries: np.ndarray, atoms: np.ndarray, k: int, candidates: Optional[np.
     coef = np.zeros((n, k), dtype=np.float64)
     resid = q.copy()
     live = np.ones(n, dtype=bool)
+    q_norm = np.maximum(np.linalg.norm(q, axis=1), 1e-12)
     for j in range(k):
         corr = np.abs(np.einsum("ncd,nd->nc", pool, resid))
         if j:
             corr[rows[:, None], chosen[:, :j]] = -1.0
         chosen[:, j] = corr.argmax(axis=1)
         sub = pool[rows[:, None], chosen[:, :j + 1]]  # [n, j+1, dim]
-        gram = sub @ sub.transpose(0, 2, 1) + ridge * np.eye(j + 1)
-        rhs = np.einsum("njd,nd->nj", sub, q)
+        gram = (sub @ sub.transpose(0, 2, 1)).astype(np.float64) + ridge * np.eye(j + 1)
+        rhs = np.einsum("njd,nd->nj", sub, q).astype(np.float64)
         c = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
-        new_resid = q - np.einsum("nj,njd->nd", c, sub)
+        new_resid = q - np.einsum("nj,njd->nd", c.astype(np.float32), sub)
         coef[live, :j + 1] = c[live]
         resid[live] = new_resid[live]
-        live &= np.linalg.norm(resid, axis=1) > 1e-4 * np.maximum(np.linalg.norm(q, axis=1), 1e-12)
+        live &= np.linalg.norm(resid, axis=1) > 1e-4 * q_norm
         if not live.any():
             chosen[:, j + 1:] = -1
             break
@@ -873,7 +874,7 @@ def sparse_combinations(queries: np.ndarray, atoms: np.ndarray, *, focus_k: int 
     truncated = int((fw[:, -1] > 0).sum()) if fk < a.shape[0] else 0
     o_idx = np.full((q.shape[0], min(omp_k, c)), -1, dtype=np.int64)
     o_coef = np.zeros(o_idx.shape, dtype=np.float32)
-    step = max(1, (1 << 22) // max(c * q.shape[1], 1))  # bounds the [rows, c, dim] float64 pool to ~32 MB
+    step = max(1, (1 << 22) // max(c * q.shape[1], 1))  # bounds the [rows, c, dim] float32 pool to ~16 MB
     for i in range(0, q.shape[0], step):
         o_idx[i:i + step], o_coef[i:i + step] = omp(q[i:i + step], a, omp_k, candidates=idx[i:i + step])
     return SparseCombos(f_idx, np.where(fw > 0, fw, 0).astype(np.float32), o_idx, o_coef, truncated)

@@ -13,6 +13,13 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   ``alignment.unseen_scale=0.8`` (best of 0.6-1.0 on the demo's 66 dev abstracts: 1.1413 bits per byte,
   0.7 and 0.9 worse by +0.0049 and +0.0077 with paired intervals excluding 0; ``python scripts/tune_dev.py --key
   alignment.unseen_scale --values 0.6,0.7,0.8,0.9,1.0``, ``scripts/results/tune_unseen_scale.json``);
+  ``alignment.new_rows="fvt"`` (ours keeps FVT rows for new tokens with a vector: on the 66 dev abstracts fvt
+  1.1413, focus +0.0408 [+0.0315, +0.0507], omp +0.1981 [+0.1727, +0.2280] bits per byte; ``python
+  scripts/tune_dev.py --key alignment.new_rows --values fvt,focus,omp``, ``scripts/results/tune_new_rows.json``;
+  with 0.58 MB of text the target-side fastText space is too noisy for either; rerun it on your corpus);
+* taken from the published methods, not tuned here: ``alignment.focus_k=64`` (FOCUS's sparsemax is exact up to
+  64 neighbours; the demo's supports fill all 64, logged as ``focus_truncated``), ``alignment.omp_k=8`` (a small sparse
+  support, not tuned), ``alignment.sparse_candidates=256`` (sized for time: one top-256 search per new token);
 * measured on PubMedQA *training*-split questions with ``scripts/choose_pubmedqa_format.py``:
   ``eval.pubmedqa_format="context"`` (highest macro-F1 of the three formats on 90 questions; ``chat``
   had higher accuracy only by answering "yes" to 88 of 90, the majority class);

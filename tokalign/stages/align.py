@@ -481,6 +481,10 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
         "align/max_hub_size": stats["max_hub_size"],
         "align/target_with_vector": stats["target_with_vector"],
         "align/fvt_empty": stats["fvt_empty"],
+        "align/sparse_share": stats["sparse_count"] / v_t,
+        "align/sparse_queries": stats["sparse_queries"],
+        "align/sparse_atoms": stats["sparse_atoms"],
+        "align/focus_truncated": stats.get("focus_truncated", 0),
         "align/above_threshold": stats["above_threshold"],
     }
     if np.isfinite(stats.get("margin_threshold", np.nan)):

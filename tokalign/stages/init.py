@@ -9,11 +9,20 @@ treatment from the source head's rows; a tied model stays tied):
 * ``mean``: every row is the mean source row.
 * ``fvt``: Fast Vocabulary Transfer: the mean of the source rows of the token's pieces under the
   source tokenizer (gold tokens are their own single piece); tokens without a piece get the mean.
+* ``focus``: FOCUS (Dobler & de Melo 2023): gold tokens copied; a new token with a target-side fastText vector
+  takes sparsemax(cosines to the overlapping tokens' vectors, the ``alignment.focus_k`` nearest) times those
+  tokens' source rows; a token without a vector takes its FVT row (never random).
+* ``omp``: orthogonal matching pursuit (as in mergekit's tokensurgeon): the new token's target-side vector as a
+  least-squares combination of ``alignment.omp_k`` overlapping tokens' vectors, the same coefficients on their
+  source rows; FVT where there is no vector. Both combinations are computed by stage ``align``
+  (``focus_src``/``omp_src`` and their weights in ``alignment.npz``).
 * ``tokalign_1to1``: the published TokAlign rule: gold matches copy their row, every other token
   with a vector takes the row of its plain-cosine argmax, tokens never seen take a random
   (seeded) non-special source row.
 * ``tokalign``: ours, from ``align/alignment.npz``: special tokens by role, gold copies, confident
-  alignments (``src``/``weight`` rows, blended with FVT by ``blend``) and FVT for the rest.
+  alignments (``src``/``weight`` rows, blended with FVT by ``blend``), FVT for the rest (or FOCUS/OMP rows
+  where ``alignment.new_rows`` says so), new rows of tokens the corpus never produced scaled by
+  ``alignment.unseen_scale``.
   With a target tokenizer identical to the source one it is a bit-for-bit copy.
 
 Every method, the baselines included, gives the target's document-start token (``metrics.start_token_id``:
