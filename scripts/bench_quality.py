@@ -55,7 +55,8 @@ def run_once(name: str, tokenizer_file: str, docs: int, cache: str, overrides: l
         m = json.loads((Path(run_dir) / "summary.json").read_text())["metrics"]
     return {"target": name, "vocab": m.get("init/vocab_size"), "docs": m["eval/docs"],
             "source": m["bpb/source"], "source_ci95": m["bpb/source/ci95"],
-            **{k: m[f"bpb/init/{k}"] for k in METHODS}, **{f"{k}_ci95": m[f"bpb/init/{k}/ci95"] for k in METHODS},
+            **{k: m[f"bpb/init/{k}"] for k in METHODS if f"bpb/init/{k}" in m},
+            **{f"{k}_ci95": m[f"bpb/init/{k}/ci95"] for k in METHODS if f"bpb/init/{k}" in m},
             "paired": {k: v for k, v in m.items() if k.startswith("bpb/paired/")},
             "exact": m.get("align/exact_share"), "aligned": m.get("align/aligned_share"),
             "fallback": m.get("align/fallback_share"), "bleu1": m.get("align/bleu1"),

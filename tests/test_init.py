@@ -107,14 +107,9 @@ def write_inputs(root: Path, src_tok, tgt_tok, tied: bool, vectors: str = "plant
 
 
 def config(**kw) -> Config:
-    al = dict(kw.pop("alignment", {}))
-    extra = {k: al.pop(k) for k in list(al) if k in align.DEFAULTS}  # knobs AlignmentConfig may not have yet
-    cfg = Config(source_model="unused", target_tokenizer="unused", corpus="unused",
-                 pivot_count=kw.pop("pivot_count", 40), similarity_threshold=kw.pop("similarity_threshold", 0.5),
-                 alignment=AlignmentConfig(**al), **kw)
-    for k, v in extra.items():
-        setattr(cfg.alignment, k, v)
-    return cfg
+    return Config(source_model="unused", target_tokenizer="unused", corpus="unused",
+                  pivot_count=kw.pop("pivot_count", 40), similarity_threshold=kw.pop("similarity_threshold", 0.5),
+                  alignment=AlignmentConfig(**kw.pop("alignment", {})), **kw)
 
 
 def run_align_init(root: Path, ctx: Context, cfg: Config) -> tuple[dict, dict]:

@@ -65,10 +65,12 @@ Run alone:  python -m tokalign similarity_threshold=0.5 alignment=topk   (the pi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +78,16 @@ import numpy as np
 
 from tokalign import alignment as A
 from tokalign import refs
+from tokalign.config import AlignmentConfig, Config
+from tokalign.context import Context
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
 HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL, HOW_SPARSE = 0, 1, 2, 3, 4
 HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special", HOW_SPARSE: "sparse"}
-NEW_ROWS = ("fvt", "focus", "omp")
-SPECIAL_MATCHES = ("role", "name", "none")
+COUNT_NAMES = {"gold": "exact", "fvt": "fallback"}  # the names of the counts in info.json and the metrics
 ROLE_ORDER = ("bos", "eos", "pad", "unk")
-# knobs read with getattr(cfg.alignment, name, default) until AlignmentConfig has them
-DEFAULTS = {"min_precision": 0.5, "seen_scale": 1.0, "unseen_scale": 0.8, "special_match": "role", "focus_k": 64,
-            "omp_k": 8, "sparse_candidates": 256, "new_rows": "fvt"}
 
 
 class AlignInputError(TokalignError, ValueError):
@@ -191,123 +191,143 @@ def use_sparse_rows(how: np.ndarray, src: np.ndarray, weight: np.ndarray, s_src:
     return how, src, weight
 
 
-def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_vec: tuple, source_vec: tuple, *,
-                      pivot_count: int, threshold: float, scoring: str = "csls", csls_k: int = 10, top_k: int = 1,
-                      temperature: float = 0.05, block_size: int = 4096, blend_fvt: float = 0.0,
-                      min_precision: float = DEFAULTS["min_precision"], seen_scale: float = DEFAULTS["seen_scale"],
-                      unseen_scale: float = DEFAULTS["unseen_scale"], special_match: str = DEFAULTS["special_match"],
-                      focus_k: int = 64, omp_k: int = 8, sparse_candidates: int = 256, new_rows: str = "fvt",
-                      progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The whole alignment as arrays (see the module docstring) plus statistics."""
-    if special_match not in SPECIAL_MATCHES:
-        raise AlignInputError(f"config key 'alignment.special_match': expected one of {SPECIAL_MATCHES}, got "
-                              f"{special_match!r}")
-    if new_rows not in NEW_ROWS:
-        raise AlignInputError(f"config key 'alignment.new_rows': expected one of {NEW_ROWS}, got {new_rows!r}")
+@dataclass
+class Search:
+    """What the similarity search found for every target token (-1 / NaN / -inf where it had nothing)."""
+
+    best_score: np.ndarray  # float32 [V_t]: plain cosine of the best candidate
+    best_csls: np.ndarray  # float32 [V_t]: its CSLS score (NaN unless scoring = csls)
+    margin: np.ndarray  # float32 [V_t]: best minus runner-up score in the chosen scoring
+    best_source: np.ndarray  # int64 [V_t]: best candidate by the chosen scoring
+    argmax: np.ndarray  # int64 [V_t]: plain-cosine argmax (the published 1:1 rule)
+    gold_score: np.ndarray  # float32 [V_t]: cosine of a gold pair's relative representations
+    top_src: np.ndarray  # int64 [V_t, k]: the best candidates
+    top_rank: np.ndarray  # float32 [V_t, k]: their scores in the chosen scoring
+    top_cos: np.ndarray  # float32 [V_t, k]: their plain cosines
+    margin_min: float = np.inf  # margin needed to align (inf: nothing trusted)
+
+    @classmethod
+    def empty(cls, v_t: int, k: int) -> "Search":
+        nan = lambda: np.full(v_t, np.nan, dtype=np.float32)  # noqa: E731
+        none = lambda: np.full(v_t, -1, dtype=np.int64)  # noqa: E731
+        return cls(nan(), nan(), nan(), none(), none(), nan(), np.full((v_t, k), -1, dtype=np.int64),
+                   np.full((v_t, k), -np.inf, dtype=np.float32), np.full((v_t, k), -np.inf, dtype=np.float32))
+
+
+@dataclass
+class Vectors:
+    """The fastText vectors of both streams, indexed by token id (row -1: the token has no vector)."""
+
+    t_ids: np.ndarray
+    t_vecs: np.ndarray
+    t_row: np.ndarray
+    s_ids: np.ndarray
+    s_vecs: np.ndarray
+    s_row: np.ndarray
+
+    @classmethod
+    def index(cls, target_vec: tuple, source_vec: tuple, v_t: int, v_s: int) -> "Vectors":
+        (t_ids, t_vecs, _), (s_ids, s_vecs, _) = target_vec, source_vec
+        t_row = np.full(v_t, -1, dtype=np.int64)
+        t_row[t_ids] = np.arange(len(t_ids))
+        s_row = np.full(v_s, -1, dtype=np.int64)
+        s_row[s_ids] = np.arange(len(s_ids))
+        return cls(t_ids, t_vecs, t_row, s_ids, s_vecs, s_row)
+
+
+def _counts(ids: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    out[ids] = np.maximum(counts, 1)
+    return out
+
+
+def similarity_search(target: A.Vocab, source: A.Vocab, gold: np.ndarray, vec: Vectors, piv: tuple,
+                      ac: AlignmentConfig,
+                      stats: dict, progress: bool) -> Search:
+    """Relative representations over the pivots, then the best source candidates of every target token with a
+    vector (``alignment.scoring``), and the margin the held-out gold pairs say can be trusted."""
     v_t, v_s = len(target), len(source)
-    t_ids, t_vecs, t_counts = target_vec
-    s_ids, s_vecs, s_counts = source_vec
-    stats: dict[str, Any] = {}
-    timer = time.time()
-
-    gold = A.gold_map(target, source)
-    t_count = np.zeros(v_t, dtype=np.int64)
-    t_count[t_ids] = np.maximum(t_counts, 1)
-    s_count = np.zeros(v_s, dtype=np.int64)
-    s_count[s_ids] = np.maximum(s_counts, 1)
-    t_row = np.full(v_t, -1, dtype=np.int64)
-    t_row[t_ids] = np.arange(len(t_ids))
-    s_row = np.full(v_s, -1, dtype=np.int64)
-    s_row[s_ids] = np.arange(len(s_ids))
-    has_vec = t_row >= 0
-
-    piv_t, piv_s = A.select_pivots(gold, t_count, s_count, pivot_count, exclude_target=target.special)
-    stats["pivots"] = int(len(piv_t))
-    if len(piv_t) < pivot_count:
-        log.warning("align: only %d gold pairs with vectors on both sides (pivot_count=%d)", len(piv_t), pivot_count)
-
-    best_score = np.full(v_t, np.nan, dtype=np.float32)
-    best_csls = np.full(v_t, np.nan, dtype=np.float32)
-    margin = np.full(v_t, np.nan, dtype=np.float32)
-    best_source = np.full(v_t, -1, dtype=np.int64)
-    gold_score = np.full(v_t, np.nan, dtype=np.float32)
-    argmax = np.full(v_t, -1, dtype=np.int64)
-    k = max(1, int(top_k))
-    k_search = max(k, 2)  # the runner-up gives the confidence margin
-    top_src = np.full((v_t, k_search), -1, dtype=np.int64)
-    top_rank = np.full((v_t, k_search), -np.inf, dtype=np.float32)
-    top_cos = np.full((v_t, k_search), -np.inf, dtype=np.float32)
-    margin_min = np.inf
-
-    t_sel = t_ids[~target.special[t_ids]] if len(t_ids) else t_ids
-    s_sel = s_ids[~source.special[s_ids]] if len(s_ids) else s_ids
-    can_align = len(piv_t) >= 2 and len(t_sel) > 0 and len(s_sel) > 0
-    if not can_align:
+    k_search = max(ac.top_k, 2)  # the runner-up gives the confidence margin
+    found = Search.empty(v_t, k_search)
+    t_sel = vec.t_ids[~target.special[vec.t_ids]] if len(vec.t_ids) else vec.t_ids
+    s_sel = vec.s_ids[~source.special[vec.s_ids]] if len(vec.s_ids) else vec.s_ids
+    piv_t, piv_s = piv
+    if len(piv_t) < 2 or not len(t_sel) or not len(s_sel):
         log.warning("align: no similarity alignment (%d pivots, %d target and %d source tokens with vectors); "
                     "non-gold tokens fall back to FVT", len(piv_t), len(t_sel), len(s_sel))
-    else:
-        fa, fb = A.relative_factors(t_vecs[t_row[t_sel]], s_vecs[s_row[s_sel]], t_vecs[t_row[piv_t]],
-                                    s_vecs[s_row[piv_s]])
-        t0 = time.time()
-        sc = A.score_alignment(fa, fb, scoring=scoring, top_k=k_search, csls_k=csls_k, block_size=block_size,
-                               progress=progress)
-        stats["scoring_seconds"] = round(time.time() - t0, 3)
-        kk = sc.top_idx.shape[1]
-        top_src[t_sel, :kk] = s_sel[sc.top_idx]
-        top_rank[t_sel, :kk] = sc.top_score
-        top_cos[t_sel, :kk] = sc.top_cos
-        best_score[t_sel] = sc.top_cos[:, 0]
-        best_source[t_sel] = s_sel[sc.top_idx[:, 0]]
-        margin[t_sel] = sc.top_score[:, 0] - sc.top_score[:, 1] if kk > 1 else np.inf
-        if scoring == "csls":
-            best_csls[t_sel] = sc.top_score[:, 0]
-        argmax[t_sel] = s_sel[sc.argmax_cos]
-        # gold pairs with vectors on both sides: their own similarity, and whether the search finds them
-        s_pos = np.full(v_s, -1, dtype=np.int64)
-        s_pos[s_sel] = np.arange(len(s_sel))
-        t_pos = np.full(v_t, -1, dtype=np.int64)
-        t_pos[t_sel] = np.arange(len(t_sel))
-        gp = np.nonzero((gold >= 0) & (t_pos >= 0))[0]
-        gp = gp[s_pos[gold[gp]] >= 0]
-        held = np.zeros(0, dtype=np.int64)
-        if len(gp):
-            gold_score[gp] = np.einsum("ij,ij->i", fa[t_pos[gp]], fb[s_pos[gold[gp]]])
-            is_pivot = np.zeros(v_t, dtype=bool)
-            is_pivot[piv_t] = True
-            held = gp[~is_pivot[gp]]
-            if len(held):
-                stats["gold_p1_cos"] = float((argmax[held] == gold[held]).mean())
-                stats[f"gold_p1_{scoring}"] = float((best_source[held] == gold[held]).mean())
-                stats["gold_heldout_pairs"] = int(len(held))
-        # how far the margin must go before the best candidate is right often enough (on held-out gold pairs)
-        margin_min, prec, n_at = A.calibrate_margin(margin[held], best_source[held] == gold[held], min_precision)
-        stats.update(margin_threshold=margin_min, margin_precision=prec, margin_heldout_above=n_at)
-        # hubness over the tokens the alignment decides for (non-gold, with a vector)
-        dec = t_sel[gold[t_sel] < 0]
-        stats["hub_cos"] = A.hub_stats(argmax[dec], len(s_sel))
-        if scoring == "csls":
-            stats["hub_csls"] = A.hub_stats(best_source[dec], len(s_sel))
+        return found
+    fa, fb = A.relative_factors(vec.t_vecs[vec.t_row[t_sel]], vec.s_vecs[vec.s_row[s_sel]],
+                                vec.t_vecs[vec.t_row[piv_t]], vec.s_vecs[vec.s_row[piv_s]])
+    t0 = time.time()
+    sc = A.score_alignment(fa, fb, scoring=ac.scoring, top_k=k_search, csls_k=ac.csls_k, block_size=ac.block_size,
+                           progress=progress)
+    stats["scoring_seconds"] = round(time.time() - t0, 3)
+    kk = sc.top_idx.shape[1]
+    found.top_src[t_sel, :kk] = s_sel[sc.top_idx]
+    found.top_rank[t_sel, :kk] = sc.top_score
+    found.top_cos[t_sel, :kk] = sc.top_cos
+    found.best_score[t_sel] = sc.top_cos[:, 0]
+    found.best_source[t_sel] = s_sel[sc.top_idx[:, 0]]
+    found.margin[t_sel] = sc.top_score[:, 0] - sc.top_score[:, 1] if kk > 1 else np.inf
+    if ac.scoring == "csls":
+        found.best_csls[t_sel] = sc.top_score[:, 0]
+    found.argmax[t_sel] = s_sel[sc.argmax_cos]
+    _check_on_gold(found, gold, t_sel, s_sel, fa, fb, piv_t, v_s, ac, stats)
+    dec = t_sel[gold[t_sel] < 0]  # hubness over the tokens the alignment decides for (non-gold, with a vector)
+    stats["hub_cos"] = A.hub_stats(found.argmax[dec], len(s_sel))
+    if ac.scoring == "csls":
+        stats["hub_csls"] = A.hub_stats(found.best_source[dec], len(s_sel))
+    return found
 
-    argmax_1to1 = argmax.copy()
-    argmax_1to1[gold >= 0] = gold[gold >= 0]
 
-    how = np.full(v_t, HOW_FVT, dtype=np.int8)
-    candidate = has_vec & (gold < 0) & ~target.special & np.isfinite(best_score)
-    passes_sim = candidate & (best_score >= threshold)
-    aligned = passes_sim & (margin >= margin_min)
-    stats["above_threshold"] = int(passes_sim.sum())
-    stats["below_margin"] = int((passes_sim & ~aligned).sum())
-    how[aligned] = HOW_ALIGNED
-    how[gold >= 0] = HOW_GOLD
+def _check_on_gold(found: Search, gold: np.ndarray, t_sel: np.ndarray, s_sel: np.ndarray, fa: np.ndarray,
+                   fb: np.ndarray, piv_t: np.ndarray, v_s: int, ac: AlignmentConfig, stats: dict) -> None:
+    """Gold pairs with vectors on both sides: their own similarity, how often the search finds them (held-out
+    pairs: not pivots), and from that the margin above which a candidate is right ``min_precision`` of the time."""
+    v_t = len(gold)
+    s_pos = np.full(v_s, -1, dtype=np.int64)
+    s_pos[s_sel] = np.arange(len(s_sel))
+    t_pos = np.full(v_t, -1, dtype=np.int64)
+    t_pos[t_sel] = np.arange(len(t_sel))
+    gp = np.nonzero((gold >= 0) & (t_pos >= 0))[0]
+    gp = gp[s_pos[gold[gp]] >= 0]
+    held = np.zeros(0, dtype=np.int64)
+    if len(gp):
+        found.gold_score[gp] = np.einsum("ij,ij->i", fa[t_pos[gp]], fb[s_pos[gold[gp]]])
+        is_pivot = np.zeros(v_t, dtype=bool)
+        is_pivot[piv_t] = True
+        held = gp[~is_pivot[gp]]
+        if len(held):
+            stats["gold_p1_cos"] = float((found.argmax[held] == gold[held]).mean())
+            stats[f"gold_p1_{ac.scoring}"] = float((found.best_source[held] == gold[held]).mean())
+            stats["gold_heldout_pairs"] = int(len(held))
+    right = found.best_source[held] == gold[held]
+    found.margin_min, prec, n_at = A.calibrate_margin(found.margin[held], right, ac.min_precision)
+    stats.update(margin_threshold=found.margin_min, margin_precision=prec, margin_heldout_above=n_at)
+
+
+def special_rows(target: A.Vocab, source: A.Vocab, gold: np.ndarray, special_match: str) -> dict[int, int]:
+    """target id -> source id for special tokens set by role (``alignment.special_match``)."""
+    if special_match == "none":  # ablation: special tokens are gold matches or FVT compositions like any other
+        return {}
     roles = role_map(target.roles, source.roles)
+    v_t, v_s = len(target), len(source)
     if special_match == "name":  # a role token with a same-named source special keeps the name match
         roles = {t: s for t, s in roles.items() if not (0 <= t < v_t and gold[t] >= 0)}
-    if special_match == "none":  # ablation: special tokens are gold matches or FVT compositions like any other
-        roles = {}
-    roles = {t: s for t, s in roles.items() if 0 <= t < v_t and 0 <= s < v_s}
-    for t in roles:
-        how[t] = HOW_SPECIAL
+    return {t: s for t, s in roles.items() if 0 <= t < v_t and 0 <= s < v_s}
 
+
+def decide_rows(gold: np.ndarray, candidate: np.ndarray, found: Search, roles: dict[int, int], threshold: float,
+                ac: AlignmentConfig, stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(how, src, weight, blend): which rule sets each row, and the source rows it combines."""
+    v_t, k = len(gold), max(1, int(ac.top_k))
+    passes_sim = candidate & (found.best_score >= threshold)
+    aligned = passes_sim & (found.margin >= found.margin_min)
+    stats["above_threshold"] = int(passes_sim.sum())
+    stats["below_margin"] = int((passes_sim & ~aligned).sum())
+    how = np.full(v_t, HOW_FVT, dtype=np.int8)
+    how[aligned] = HOW_ALIGNED
+    how[gold >= 0] = HOW_GOLD
     src = np.full((v_t, k), -1, dtype=np.int64)
     weight = np.zeros((v_t, k), dtype=np.float32)
     blend = np.zeros(v_t, dtype=np.float32)
@@ -315,55 +335,83 @@ def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_
     src[g, 0] = gold[g]
     weight[g, 0] = 1.0
     for t, s in roles.items():
+        how[t] = HOW_SPECIAL
         src[t, :] = -1
         weight[t, :] = 0.0
         src[t, 0] = s
         weight[t, 0] = 1.0
     al = how == HOW_ALIGNED
     if al.any():
-        keep = top_cos[al, :k] >= threshold
+        keep = found.top_cos[al, :k] >= threshold
         keep[:, 0] = True
-        w = A.topk_weights(top_rank[al, :k], temperature, keep)
-        src[al] = np.where(w > 0, top_src[al, :k], -1)
+        w = A.topk_weights(found.top_rank[al, :k], ac.temperature, keep)
+        src[al] = np.where(w > 0, found.top_src[al, :k], -1)
         weight[al] = w
-        blend[al] = blend_fvt
-    sparse, sparse_stats = sparse_combinations(gold, target.special, t_ids, t_vecs, focus_k=focus_k, omp_k=omp_k,
-                                               candidates=sparse_candidates, block_size=block_size, progress=progress)
-    stats.update(sparse_stats)
-    if new_rows != "fvt":  # new tokens with a vector that the similarity alignment left alone: FOCUS/OMP rows
-        how, src, weight = use_sparse_rows(how, src, weight, sparse[f"{new_rows}_src"], sparse[f"{new_rows}_weight"])
-    blend[how == HOW_FVT] = 1.0
-    # new rows (neither gold nor special) are shrunk: they compete with the copied rows in the softmax
-    scale = np.ones(v_t, dtype=np.float32)
+        blend[al] = ac.blend_fvt
+    return how, src, weight, blend
+
+
+def row_scale(how: np.ndarray, has_vec: np.ndarray, ac: AlignmentConfig) -> np.ndarray:
+    """New rows (neither gold nor special) are shrunk: with a tied head they compete with the copied rows."""
+    scale = np.ones(len(how), dtype=np.float32)
     new = (how == HOW_ALIGNED) | (how == HOW_FVT) | (how == HOW_SPARSE)
-    scale[new & has_vec] = seen_scale
-    scale[new & ~has_vec] = unseen_scale
+    scale[new & has_vec] = ac.seen_scale
+    scale[new & ~has_vec] = ac.unseen_scale
+    return scale
+
+
+def compute_alignment(target: A.Vocab, source: A.Vocab, source_tok: Any, target_vec: tuple, source_vec: tuple, *,
+                      pivot_count: int, threshold: float, ac: AlignmentConfig,
+                      progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The whole alignment as arrays (see the module docstring) plus statistics; ``ac`` is the
+    ``AlignmentConfig`` (validated there)."""
+    v_t, v_s = len(target), len(source)
+    stats: dict[str, Any] = {}
+    timer = time.time()
+    gold = A.gold_map(target, source)
+    vec = Vectors.index(target_vec, source_vec, v_t, v_s)
+    has_vec = vec.t_row >= 0
+    piv = A.select_pivots(gold, _counts(vec.t_ids, target_vec[2], v_t), _counts(vec.s_ids, source_vec[2], v_s),
+                          pivot_count, exclude_target=target.special)
+    stats["pivots"] = int(len(piv[0]))
+    if len(piv[0]) < pivot_count:
+        log.warning("align: only %d gold pairs with vectors on both sides (pivot_count=%d)", len(piv[0]), pivot_count)
+    found = similarity_search(target, source, gold, vec, piv, ac, stats, progress)
+    argmax_1to1 = np.where(gold >= 0, gold, found.argmax)
+
+    candidate = has_vec & (gold < 0) & ~target.special & np.isfinite(found.best_score)
+    roles = special_rows(target, source, gold, ac.special_match)
+    how, src, weight, blend = decide_rows(gold, candidate, found, roles, threshold, ac, stats)
+    aligned = how == HOW_ALIGNED
+    sparse, sparse_stats = sparse_combinations(gold, target.special, vec.t_ids, vec.t_vecs, focus_k=ac.focus_k,
+                                               omp_k=ac.omp_k, candidates=ac.sparse_candidates,
+                                               block_size=ac.block_size, progress=progress)
+    stats.update(sparse_stats)
+    if ac.new_rows != "fvt":  # new tokens with a vector that the similarity alignment left alone: FOCUS/OMP rows
+        how, src, weight = use_sparse_rows(how, src, weight, sparse[f"{ac.new_rows}_src"],
+                                           sparse[f"{ac.new_rows}_weight"])
+    blend[how == HOW_FVT] = 1.0
+    scale = row_scale(how, has_vec, ac)
 
     fvt = A.fvt_decompose(target, source, source_tok, gold)
-    stats["fvt_seconds"] = round(fvt.seconds, 3)
-    stats["fvt_empty"] = fvt.n_empty
-    stats["fvt_inexact"] = fvt.n_inexact
-    stats["fvt_pieces_mean"] = float(np.diff(fvt.indptr)[gold < 0].mean()) if (gold < 0).any() else 0.0
-
-    counts, edges = np.histogram(best_score[candidate], bins=40, range=(-1.0, 1.0))
-    for name, code in (("exact", HOW_GOLD), ("aligned", HOW_ALIGNED), ("fallback", HOW_FVT), ("special", HOW_SPECIAL),
-                       ("sparse", HOW_SPARSE)):
-        stats[f"{name}_count"] = int((how == code).sum())
-    stats["target_with_vector"] = int(has_vec.sum())
-    stats["source_with_vector"] = int(len(s_ids))
-    stats["unseen_non_gold"] = int(((gold < 0) & ~has_vec).sum())
-    stats["max_hub_size"] = int(A.hub_stats(src[al, 0], v_s)["max_hub_size"]) if al.any() else 0
-    stats["seconds"] = round(time.time() - timer, 3)
-
+    stats.update(fvt_seconds=round(fvt.seconds, 3), fvt_empty=fvt.n_empty, fvt_inexact=fvt.n_inexact,
+                 fvt_pieces_mean=float(np.diff(fvt.indptr)[gold < 0].mean()) if (gold < 0).any() else 0.0)
+    counts, edges = np.histogram(found.best_score[candidate], bins=40, range=(-1.0, 1.0))
+    for code, name in HOW_NAMES.items():
+        stats[f"{COUNT_NAMES.get(name, name)}_count"] = int((how == code).sum())
+    stats.update(target_with_vector=int(has_vec.sum()), source_with_vector=int(len(vec.s_ids)),
+                 unseen_non_gold=int(((gold < 0) & ~has_vec).sum()),
+                 max_hub_size=int(A.hub_stats(src[aligned, 0], v_s)["max_hub_size"]) if aligned.any() else 0,
+                 seconds=round(time.time() - timer, 3))
     arrays = {
-        "how": how, "src": src, "weight": weight, "blend": blend, "scale": scale, "best_score": best_score,
-        "best_source": best_source, "best_csls": best_csls, "margin": margin, "argmax_1to1": argmax_1to1,
-        "gold": gold, "gold_score": gold_score, "fvt_indptr": fvt.indptr, "fvt_indices": fvt.indices,
-        "pivot_target": piv_t.astype(np.int64), "pivot_source": piv_s.astype(np.int64), "has_vector": has_vec,
-        "hist_counts": counts.astype(np.int64), "hist_edges": edges.astype(np.float32),
+        "how": how, "src": src, "weight": weight, "blend": blend, "scale": scale, "best_score": found.best_score,
+        "best_source": found.best_source, "best_csls": found.best_csls, "margin": found.margin,
+        "argmax_1to1": argmax_1to1, "gold": gold, "gold_score": found.gold_score, "fvt_indptr": fvt.indptr,
+        "fvt_indices": fvt.indices, "pivot_target": piv[0].astype(np.int64), "pivot_source": piv[1].astype(np.int64),
+        "has_vector": has_vec, "hist_counts": counts.astype(np.int64), "hist_edges": edges.astype(np.float32),
         "source_vocab": np.int64(v_s), "target_vocab": np.int64(v_t), "threshold": np.float32(threshold),
-        "margin_threshold": np.float32(margin_min), "blend_fvt": np.float32(blend_fvt), "top_k": np.int64(k),
-        **sparse,
+        "margin_threshold": np.float32(found.margin_min), "blend_fvt": np.float32(ac.blend_fvt),
+        "top_k": np.int64(max(1, int(ac.top_k))), **sparse,
     }
     return arrays, stats
 
@@ -425,16 +473,9 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _need(ctx: Any, name: str) -> Path:
-    p = ctx.path(name)
-    if p is None:
-        raise AlignInputError(f"stage align needs the output of stage '{name}', which did not run")
-    return Path(p)
-
-
-def run(cfg: Any, ctx: Any, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     t_start = time.time()
-    tok_dir, emb_dir, src_dir = _need(ctx, "tokenize"), _need(ctx, "embed"), _need(ctx, "source")
+    tok_dir, emb_dir, src_dir = ctx.path("tokenize"), ctx.path("embed"), ctx.path("source")
     source_tok = refs.load_tokenizer(str(src_dir / "model"))
     target_tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
     info_path = tok_dir / "info.json"
@@ -455,11 +496,8 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
         log.info("align: target vectors have %d dims, source %d (fine: only cosines to pivots are compared)",
                  t_vec[1].shape[1], s_vec[1].shape[1])
     ac = cfg.alignment
-    extra = {k: getattr(ac, k, v) for k, v in DEFAULTS.items()}
-    arrays, stats = compute_alignment(
-        target, source, source_tok, t_vec, s_vec, pivot_count=cfg.pivot_count, threshold=cfg.similarity_threshold,
-        scoring=ac.scoring, csls_k=ac.csls_k, top_k=ac.top_k, temperature=ac.temperature, block_size=ac.block_size,
-        blend_fvt=ac.blend_fvt, **extra)
+    arrays, stats = compute_alignment(target, source, source_tok, t_vec, s_vec, pivot_count=cfg.pivot_count,
+                                      threshold=cfg.similarity_threshold, ac=ac)
 
     np.savez(out / "alignment.npz", **arrays)
     write_csv(out / "alignment.csv", arrays, target, source)
@@ -497,9 +535,8 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
         if h:
             metrics[f"align/hub_{name}_max"] = h["max_hub_size"]
             metrics[f"align/hub_{name}_top1pct_share"] = h["top1pct_share"]
-    summary = {**stats, "seconds": seconds, "threshold": cfg.similarity_threshold, "scoring": ac.scoring,
-               "top_k": ac.top_k, "csls_k": ac.csls_k, "temperature": ac.temperature, "blend_fvt": ac.blend_fvt,
-               "pivot_count": cfg.pivot_count, "source_style": source.style, "target_style": target.style, **extra,
+    summary = {**stats, "seconds": seconds, "threshold": cfg.similarity_threshold, **{f.name: getattr(ac, f.name) for f in dataclasses.fields(AlignmentConfig)},
+               "pivot_count": cfg.pivot_count, "source_style": source.style, "target_style": target.style,
                "sim_hist": {"counts": arrays["hist_counts"].tolist(), "edges": arrays["hist_edges"].tolist()}}
     (out / "info.json").write_text(json.dumps(_finite(summary), indent=1))
 

@@ -53,7 +53,10 @@ import numpy as np
 from tokalign import alignment as A
 from tokalign import metrics as M
 from tokalign import refs
+from tokalign.config import Config
+from tokalign.context import Context
 from tokalign.errors import TokalignError
+from tokalign.modelfacts import is_tied
 
 log = logging.getLogger(__name__)
 
@@ -163,28 +166,11 @@ def same_start(rows: np.ndarray, matrix: np.ndarray, start: tuple[Optional[int],
         rows[t] = matrix[s]
 
 
-def _need(ctx: Any, name: str) -> Path:
-    p = ctx.path(name)
-    if p is None:
-        raise InitInputError(f"stage init needs the output of stage '{name}', which did not run")
-    return Path(p)
-
-
-def _is_tied(model: Any) -> bool:
-    head = model.get_output_embeddings()
-    emb = model.get_input_embeddings()
-    if head is None:
-        return True
-    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
-        return True
-    return bool(getattr(model.config, "tie_word_embeddings", False))
-
-
 def build_model(model: Any, tok: Any, embed_rows: np.ndarray, head_rows: Optional[np.ndarray]) -> Any:
     """Resize ``model`` to the target vocabulary in place, set the rows and the special-token ids."""
     import torch
 
-    tied = _is_tied(model)
+    tied = is_tied(model)
     n_t, hidden = embed_rows.shape
     model.resize_token_embeddings(n_t, mean_resizing=False)
     emb = model.get_input_embeddings().weight
@@ -226,11 +212,11 @@ def verify_saved(path: Path, embed_rows: np.ndarray) -> None:
         raise InitInputError(f"{path}: saved embedding rows differ from the rows that were set")
 
 
-def run(cfg: Any, ctx: Any, out: Path) -> dict:
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
     from safetensors.numpy import save_file
 
     t0 = time.time()
-    src_dir, align_dir, tok_dir = _need(ctx, "source"), _need(ctx, "align"), _need(ctx, "tokenize")
+    src_dir, align_dir, tok_dir = ctx.path("source"), ctx.path("align"), ctx.path("tokenize")
     methods = list(dict.fromkeys(cfg.init_methods))
     if not methods:
         raise InitInputError("config key 'init_methods': expected a non-empty list")
@@ -239,7 +225,7 @@ def run(cfg: Any, ctx: Any, out: Path) -> dict:
     src_tok = refs.load_tokenizer(str(src_dir / "model"))
     al = load_alignment(align_dir / "alignment.npz", len(tok))
     model = refs.load_model(str(src_dir / "model"), dtype="float32")
-    tied = _is_tied(model)
+    tied = is_tied(model)
     emb = model.get_input_embeddings().weight.detach().cpu().numpy()
     head = None if tied else model.get_output_embeddings().weight.detach().cpu().numpy()
     v_s = int(al["source_vocab"])
