@@ -46,7 +46,7 @@ DEFAULT_SIZES = [32000, 50257, 128256, 152064, 256000]
 
 
 def run_case(n_target: int, n_source: int, dim: int, pivots: int, scoring: str, block: int, seed: int,
-             top_k: int = 2, sparse_atoms: int = 0) -> dict:
+             top_k: int = 2, sparse_atoms: int = 0, sparse_candidates: int = 256) -> dict:
     """One case, in this process."""
     from tokalign import alignment as A
 
@@ -63,7 +63,7 @@ def run_case(n_target: int, n_source: int, dim: int, pivots: int, scoring: str, 
     sc = A.score_alignment(a, b, scoring=scoring, top_k=top_k, csls_k=10, block_size=block)
     t2 = time.perf_counter()
     if sparse_atoms:  # FOCUS + OMP: the other target tokens over the first sparse_atoms as overlapping tokens
-        A.sparse_combinations(t[sparse_atoms:], t[:sparse_atoms], focus_k=64, omp_k=8, candidates=256,
+        A.sparse_combinations(t[sparse_atoms:], t[:sparse_atoms], focus_k=64, omp_k=8, candidates=sparse_candidates,
                               block_size=block)
     t3 = time.perf_counter()
     _, peak = tracemalloc.get_traced_memory()
@@ -73,7 +73,7 @@ def run_case(n_target: int, n_source: int, dim: int, pivots: int, scoring: str, 
         "target_vocab": n_target, "source_vocab": n_source, "dim": dim, "pivots": pivots, "scoring": scoring,
         "top_k": top_k,
         "block_size": block, "factor_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3),
-        "sparse_atoms": sparse_atoms, "sparse_s": round(t3 - t2, 3),
+        "sparse_atoms": sparse_atoms, "sparse_candidates": sparse_candidates, "sparse_s": round(t3 - t2, 3),
         "total_s": round(t3 - t0, 3), "traced_peak_mb": round((peak - base) / 2**20, 1),
         "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "max_hub_size": hub["max_hub_size"],
@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sparse-atoms", type=int, default=0,
                    help="also time FOCUS + OMP (stage align) with this many overlapping tokens, the rest as new tokens")
+    p.add_argument("--sparse-candidates", type=int, default=256, help="alignment.sparse_candidates")
     p.add_argument("--out", default="bench_align.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:  # one case, result as JSON on stdout
         res = run_case(args.sizes[0], args.source, args.dim, args.pivots, args.scorings[0], args.block, args.seed,
-                       args.top_k, args.sparse_atoms)
+                       args.top_k, args.sparse_atoms, args.sparse_candidates)
         print(json.dumps(res))
         return 0
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", "--sizes", str(n), "--source", str(args.source), "--dim",
                    str(args.dim), "--pivots", str(args.pivots), "--block", str(args.block), "--top-k", str(args.top_k),
                    "--scorings", sc, "--sparse-atoms", str(args.sparse_atoms),
+                   "--sparse-candidates", str(args.sparse_candidates),
                    "--seed", str(args.seed)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=str(ROOT))
             row = json.loads(out.stdout.strip().splitlines()[-1])
