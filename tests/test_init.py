@@ -416,3 +416,51 @@ def test_align_init_real_smollm2_to_qwen2(tmp_path, assets):
     assert conf.vocab_size == 151936 and conf.tie_word_embeddings and conf.bos_token_id == conf.eos_token_id == eot
     with safe_open(str(tmp_path / "init" / "model" / "model.safetensors"), "np") as f:
         assert not any("lm_head" in k for k in f.keys())  # tied: one matrix saved
+
+
+@pytest.mark.parametrize("new_rows", ["omp", "focus"])
+def test_tokalign_new_rows_take_the_sparse_combination(tmp_path, new_rows):
+    from safetensors.numpy import load_file
+
+    ctx = write_inputs(tmp_path, source_tokenizer(), target_tokenizer(), tied=True, vectors="planted")
+    cfg = config(alignment={"min_precision": 1.0, "new_rows": new_rows, "omp_k": 3, "focus_k": 4,
+                            "sparse_candidates": 8, "unseen_scale": 1.0})
+    run_align_init(tmp_path, ctx, cfg)
+    z = np.load(tmp_path / "align" / "alignment.npz")
+    sparse = np.nonzero(z["how"] == align.HOW_SPARSE)[0]
+    assert len(sparse) > 0
+    assert np.array_equal(sparse, np.nonzero((z[f"{new_rows}_src"] >= 0).any(1) & (z["how"] != 0))[0])
+    e = toy_model(len(source_tokenizer()), True).get_input_embeddings().weight.detach().numpy()
+    rows = load_file(str(tmp_path / "init" / "rows" / "tokalign.safetensors"))["embed"]
+    own = load_file(str(tmp_path / "init" / "rows" / f"{new_rows}.safetensors"))["embed"]
+    want = A.combine_rows(e, z[f"{new_rows}_src"][sparse], z[f"{new_rows}_weight"][sparse])
+    np.testing.assert_allclose(rows[sparse], want, rtol=1e-5, atol=1e-6)  # seen_scale is 1
+    np.testing.assert_allclose(own[sparse], want, rtol=1e-5, atol=1e-6)  # the baseline method: the same rows
+
+
+
+def test_stage_alignment_bleu_on_identical_tokenizers_is_one(tmp_path):
+    """The stage-level figure: the identity alignment of a tokenizer onto itself scores 1.0; a reference
+    alignment that disagrees on every token scores 0."""
+    import json
+
+    from tokalign.config import Config
+    from tokalign.context import Context
+    from tokalign.stages import evaluate as E
+
+    tok = source_tokenizer()
+    tok.save_pretrained(tmp_path / "source" / "model")
+    tok.save_pretrained(tmp_path / "tokenize" / "target_tokenizer")
+    (tmp_path / "align").mkdir()
+    np.savez(tmp_path / "align" / "alignment.npz", argmax_1to1=np.arange(len(tok)))
+    ctx = Context(run_dir=tmp_path, outputs={k: tmp_path / k for k in ("source", "tokenize", "align")})
+    texts = ["patients with hypertension were treated", "blood pressure measured"]
+    cfg = Config(source_model="x", target_tokenizer="x", corpus="x")
+    assert E.alignment_bleu(cfg, ctx, texts)["align/bleu1"] == pytest.approx(1.0)
+    (tmp_path / "ref.json").write_text(json.dumps({str(i): 10 ** 6 for i in range(len(tok))}))  # disjoint ids
+    cfg.alignment.reference_pairs = str(tmp_path / "ref.json")
+    assert E.alignment_bleu(cfg, ctx, texts)["align/bleu1"] == pytest.approx(0.0)
+    (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
+    cfg.alignment.reference_pairs = str(tmp_path / "bad.json")
+    with pytest.raises(E.EvalInputError, match="bad.json"):
+        E.alignment_bleu(cfg, ctx, texts)
