@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from tokalign.config import default_assets_dir  # noqa: E402
+from tokalign.artifacts import write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -92,9 +93,7 @@ def main(argv=None) -> dict:
           f"{bpb_row['bytes_per_s']:,.0f} bytes/s ({bpb_row['tokens_per_s']:,.0f} tokens/s) |")
     print(f"| PubMedQA | {pq_row['questions']} questions | {qs:.2f} | {pq_row['questions_per_s']:.2f} questions/s |")
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(report, indent=1))
-        print(f"\nwrote {a.out}")
+        print(f"\nwrote {write_json(a.out, report)}")
     return report
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokalign import refs  # noqa: E402
+from tokalign.artifacts import write_json  # noqa: E402
 from tokalign.config import Config, default_assets_dir  # noqa: E402
 from tokalign.stages.corpus import build as build_corpus  # noqa: E402
 from tokalign.stages.corpus import iter_records  # noqa: E402
@@ -135,9 +136,7 @@ def main(argv=None) -> dict:
                        "source": args.source, "target": args.target, "corpus": args.corpus},
               "tokenize": tok_rows, "bytes_per_token": bytes_per_token, "fasttext": ft_rows, "terms": terms_row,
               "corpus": corpus_row}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_json(args.out, report)}")
     return report
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokalign import metrics as M  # noqa: E402
+from tokalign.artifacts import write_json  # noqa: E402
 from tokalign import refs, stats  # noqa: E402
 from tokalign.config import default_assets_dir  # noqa: E402
 
@@ -58,8 +59,7 @@ def main() -> None:
               f"  {pc['yes']}/{pc['no']}/{pc['maybe']:<19} {r['seconds']}")
     print(f"majority-class rate {out['majority_rate']:.3f} on {len(examples)} training-split questions")
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
+        write_json(a.out, out)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,14 @@ def write_jsonl(path: Path, recs: Iterable[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def write_json(path: Path | str, obj: Any) -> Path:
+    """``obj`` as indented JSON at ``path``, its folder created (benchmark and script results)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         raise ArtifactError(f"{path}: no such file (written by stage 'corpus')")
