@@ -771,22 +771,6 @@ def compose_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray, blend:
     return out
 
 
-def combine_rows(matrix: np.ndarray, src: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Rows ``sum_k weight[:, k] * matrix[src[:, k]]`` ([n, h] float32) over the slots with ``src >= 0``;
-    weights may be negative (OMP's least-squares coefficients). Rows without a slot are zero."""
-    src = np.asarray(src, dtype=np.int64)
-    weight = np.asarray(weight, dtype=np.float64)
-    if weight.shape != src.shape:
-        raise AlignmentError(f"combine_rows: weight shape {weight.shape} != src shape {src.shape}")
-    if (src >= matrix.shape[0]).any():
-        raise AlignmentError(f"combine_rows: source ids outside [0, {matrix.shape[0]})")
-    out = np.zeros((src.shape[0], matrix.shape[1]), dtype=np.float64)
-    for j in range(src.shape[1]):
-        sel = src[:, j] >= 0
-        out[sel] += weight[sel, j, None] * matrix[src[sel, j]].astype(np.float64)
-    return out.astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------------
 # sparse combinations in the target-side fastText space (FOCUS, OMP)
 
@@ -810,7 +794,7 @@ def omp(queries: np.ndarray, atoms: np.ndarray, k: int, candidates: Optional[np.
     At each step the atom most correlated (in absolute value) with the residual joins the support and
     the coefficients are refit by least squares on the whole support (``ridge`` keeps the normal
     equations solvable). ``candidates`` [n, c] restricts each query's search to those atom indices (the
-    ``focus_omp_candidates`` prefilter); without it every atom is searched. Returns (atom indices int64
+    ``alignment.sparse_candidates`` prefilter); without it every atom is searched. Returns (atom indices int64
     [n, k], coefficients float32 [n, k]); slots past the point where the residual vanished are -1 / 0.
     """
     q = np.asarray(queries, dtype=np.float32)  # float32 products, float64 solves
@@ -865,8 +849,7 @@ def sparse_combinations(queries: np.ndarray, atoms: np.ndarray, *, focus_k: int 
     ``focus_truncated``), OMP searches those ``candidates`` atoms only."""
     q = _unit_rows(queries)
     a = _unit_rows(atoms)
-    c = max(focus_k, omp_k, min(candidates, a.shape[0]))
-    c = min(c, a.shape[0])
+    c = min(max(focus_k, omp_k, candidates), a.shape[0])
     idx, cos = blocked_topk(q, a, c, block_size=block_size, progress=progress, desc="focus/omp")
     fk = min(focus_k, c)
     fw = sparsemax(cos[:, :fk])

@@ -151,11 +151,7 @@ def sparse_rows(method: str, base: np.ndarray, al: dict[str, np.ndarray], fvt: n
     if f"{method}_src" not in al:
         raise InitInputError(f"alignment.npz: missing key '{method}_src' (written by stage 'align' since the "
                              f"{method} method exists; rerun align)")
-    src, w = al[f"{method}_src"], al[f"{method}_weight"]
-    rows = fvt.copy()
-    has = (src >= 0).any(axis=1)
-    rows[has] = A.combine_rows(base, src[has], w[has])
-    return rows
+    return A.compose_rows(base, al[f"{method}_src"], al[f"{method}_weight"], fvt=fvt)  # no weight: the FVT row
 
 
 def same_start(rows: np.ndarray, matrix: np.ndarray, start: tuple[Optional[int], Optional[int]]) -> None:
