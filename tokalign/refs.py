@@ -49,12 +49,34 @@ def _check_local(ref: str) -> Path:
     return p
 
 
-def _gguf_arch(path: Path) -> str:
+def _gguf_field(path: Path, key: str) -> Any:
+    """A scalar metadata value of a GGUF file (a string decoded), or None."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("general.architecture")
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None:
+        return None
+    v = field.parts[field.data[0]]
+    return bytes(v).decode() if field.types and field.types[0].name == "STRING" else v[0].item()
+
+
+def _gguf_arch(path: Path) -> str:
+    return _gguf_field(path, "general.architecture") or ""
+
+
+def _sentencepiece_prefix(tok: Any, path: Path) -> Any:
+    """A SentencePiece (``tokenizer.ggml.model = llama``) vocabulary as SentencePiece and llama.cpp split text: a
+    space prefix in front of every text, also one that starts with a space. transformers' GGUF reader gives a
+    Metaspace pre-tokenizer that skips the prefix there (`' Hello'` -> `'▁Hello'`, not `'▁▁Hello'`); llama.cpp's
+    tokenizer tests (the ``.out`` files beside the vocab GGUFs) and the original tokenizer.json files agree with this."""
+    from tokenizers import normalizers
+
+    if _gguf_field(path, "tokenizer.ggml.model") != "llama" or _gguf_field(path, "tokenizer.ggml.add_space_prefix") is False:
+        return tok
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+    return tok
 
 
 def _neox_tokenizer_from_gguf(path: Path):
@@ -100,8 +122,9 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False):
             p = _check_local(ref)
             if p.is_file() and p.suffix == ".gguf":
                 try:
-                    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                         trust_remote_code=trust_remote_code)
+                    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                        trust_remote_code=trust_remote_code)
+                    return _sentencepiece_prefix(tok, p)
                 except (ValueError, KeyError, NotImplementedError) as e:
                     arch = _gguf_arch(p)
                     if arch in ("gptneox", "gpt-neox") or "not supported" in str(e):
