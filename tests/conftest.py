@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,3 +221,30 @@ def make_tokenizer(vocab_size, texts, specials, roles):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, **{f"{r}_token": t for r, t in roles.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the real `python -m tokalign` on the demo assets, small budgets, one cache for the whole session
+# ----------------------------------------------------------------------------------------------------------------------
+
+SMALL = [
+    "corpus_bytes=300000", "eval.max_eval_samples=6", "eval.seq_len=256", "eval.stride=128",
+    "eval.pubmedqa_samples=3", "embed.epoch=3", "pivot_count=200", "steps_stage1=0", "steps_stage2=0",
+]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    need_assets()
+    return tmp_path_factory.mktemp("cache")
+
+
+def tokalign(*args: str, cache: Path, run_dir: Path, env: dict | None = None, timeout: int = 1500,
+             multirun: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tokalign", *(["-m"] if multirun else []), f"cache_dir={cache}", *args]
+    cmd.append(f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}")
+    e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    e.pop("WANDB_API_KEY", None)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
+    return r

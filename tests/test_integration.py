@@ -7,39 +7,14 @@ tokenized once; each test still runs the real `python -m tokalign` in a subproce
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, need_assets
+from conftest import REPO, SMALL, need_assets, tokalign
 
 pytestmark = pytest.mark.slow
-
-SMALL = [
-    "corpus_bytes=300000", "eval.max_eval_samples=6", "eval.seq_len=256", "eval.stride=128",
-    "eval.pubmedqa_samples=3", "embed.epoch=3", "pivot_count=200", "steps_stage1=0", "steps_stage2=0",
-]
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    need_assets()
-    return tmp_path_factory.mktemp("cache")
-
-
-def tokalign(*args: str, cache: Path, run_dir: Path, env: dict | None = None, timeout: int = 1500,
-             multirun: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tokalign", *(["-m"] if multirun else []), f"cache_dir={cache}", *args]
-    cmd.append(f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}")
-    e = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    e.pop("WANDB_API_KEY", None)
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
-    return r
-
 
 def test_pipeline_on_real_assets_beats_random_and_mean(shared_cache, tmp_path):
     tokalign(*SMALL, "wandb.mode=offline", cache=shared_cache, run_dir=tmp_path)

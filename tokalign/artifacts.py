@@ -29,6 +29,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -332,3 +333,18 @@ def docs_of(ids: np.ndarray, offsets: np.ndarray, limit: Optional[int] = None) -
     n = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
     for i in range(n):
         yield ids[offsets[i]:offsets[i + 1]]
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of the files of ``src`` made of hard links where the filesystem allows (no extra disk)."""
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)

@@ -258,6 +258,27 @@ class TermsConfig:
         _check(self.scoring in ("frequency", "tfidf"), "terms.scoring", "frequency or tfidf", self.scoring)
 
 
+GGUF_TYPES_DEFAULT = ["f16", "q8_0", "q4_k_m"]
+
+
+@dataclass
+class ExportConfig:
+    """Stages ``export`` and ``export_gguf``: the final model as a plain Hugging Face folder and as GGUF files made by
+    llama.cpp's own converter and quantizer, each checked in llama.cpp (tokenization, bits per byte, speed)."""
+
+    enabled: bool = False  # run the export stages (on in the research modes; python -m tokalign export.enabled=true)
+    gguf_types: list[str] = field(default_factory=lambda: list(GGUF_TYPES_DEFAULT))  # GGUF files written: f32/f16/bf16/q8_0 by the converter, the rest (q4_k_m, q5_k_m...) by llama.cpp's quantizer from f16; [] = the Hugging Face folder only
+    converter: Optional[str] = None  # llama.cpp's convert_hf_to_gguf.py (None = $TOKALIGN_LLAMA_CPP/, else ~/.cache/tokalign/llama.cpp/, where scripts/install_llama_cpp.sh puts it)
+    eval_samples: int = 40  # held-out documents (cut like the evaluation's, eval.max_doc_bytes) scored by each GGUF and by the Hugging Face export
+    test_strings: Optional[str] = None  # llama.cpp tokenizer test strings (.inp) checked on every GGUF (None = the .inp beside a .gguf target_tokenizer, when there is one)
+    adapter: Optional[str] = None  # a PEFT adapter folder merged into the final model before export (None = the run's final model as it is)
+
+    def __post_init__(self) -> None:
+        _check(self.eval_samples >= 1, "export.eval_samples", ">= 1", self.eval_samples)
+        _check(len(set(self.gguf_types)) == len(self.gguf_types), "export.gguf_types", "no repeated type",
+               list(self.gguf_types))
+
+
 @dataclass
 class PreflightConfig:
     """Checks run before any work."""
@@ -304,6 +325,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # experiment tracking
     terms: TermsConfig = field(default_factory=TermsConfig)  # domain-term mining
     preflight: PreflightConfig = field(default_factory=PreflightConfig)  # start-up checks
+    export: ExportConfig = field(default_factory=ExportConfig)  # Hugging Face and GGUF export
 
     def __post_init__(self) -> None:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)

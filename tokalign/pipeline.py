@@ -32,7 +32,7 @@ from tokalign.context import Context
 from tokalign.distributed import launched
 from tokalign.modelfacts import free_memory
 from tokalign.config import Config
-from tokalign.stages import align, corpus, embed, evaluate, init, preflight, source, terms, tokenize, train
+from tokalign.stages import align, corpus, embed, evaluate, export, init, preflight, source, terms, tokenize, train
 from tokalign.tracking import NullTracker
 
 log = logging.getLogger("tokalign")
@@ -79,6 +79,11 @@ STAGES: list[Stage] = [
     Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "evaluate_source", "evaluate_init",
                                            "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),
           cached=False),
+    Stage("export", export.run_hf, ("source", "init", "train_stage1", "train_stage2"), ("export.adapter",),
+          when=lambda cfg: cfg.export.enabled),
+    Stage("export_gguf", export.run_gguf, ("corpus", "export"), ("export", "target_tokenizer", "eval.max_doc_bytes",
+                                                                 "eval.seq_len", "eval.stride", "seed"),
+          when=lambda cfg: cfg.export.enabled and len(cfg.export.gguf_types) > 0),
 ]
 
 

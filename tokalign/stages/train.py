@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tokalign import refs
-from tokalign.artifacts import load_stream, read_texts
+from tokalign.artifacts import link_or_copy_tree, load_stream, read_texts
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.data import PackedSequences, pack_blocks
@@ -161,21 +161,6 @@ def _eval_texts(corpus_dir: Path, limit: int) -> list[str]:
     """The first ``limit`` dev documents for in-training bits per byte (never the evaluation documents: settings
     are chosen on these); none when the corpus stage wrote none."""
     return read_texts(Path(corpus_dir) / "dev.jsonl", limit, required=False)
-
-
-def _link_or_copy_tree(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src`` made of hard links where the filesystem allows (no extra disk)."""
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
 
 
 def _device_and_precision(cfg) -> tuple[bool, bool]:
@@ -384,7 +369,7 @@ def _save(model: Any, tokenizer: Any, out: Path, cfg: Config, ctx: Context, spec
     tokenizer.save_pretrained(str(model_out))
     if spec.adapted_model:
         adapted = Path(ctx.run_dir) / "adapted_model"
-        _link_or_copy_tree(model_out, adapted)
+        link_or_copy_tree(model_out, adapted)
         if cfg.wandb.log_model:
             ctx.tracker.artifact("adapted_model", "model", [adapted])
     if not cfg.train.keep_checkpoints:
