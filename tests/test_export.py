@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL, need_assets, tiny_llama, tokalign
+from conftest import REPO, SMALL, make_cfg, need_assets, tiny_llama, tokalign
 from tokalign import llamacpp, refs
 from tokalign.llamacpp import ExportError
 
@@ -155,6 +155,23 @@ def test_bad_export_input_gives_one_line_errors(tmp_path, monkeypatch):
     msg = llamacpp._converter_error(tmp_path, "chkhsh: " + "ab" * 32 + "\nNotImplementedError: BPE pre-tokenizer "
                                     "was not recognized - update get_vocab_base_pre()")
     assert "tokenizer.json" in msg and "does not recognise this BPE pre-tokenizer" in msg and "\n" not in msg
+    msg = llamacpp._converter_error(tmp_path, "ERROR: Model FooForCausalLM is not supported")
+    assert "config.json" in msg and "FooForCausalLM" in msg and "export.gguf_types=[]" in msg
+
+
+@needs_llama_cpp
+def test_a_gguf_that_tokenizes_differently_is_refused(tmp_path):
+    """A GGUF checked against another vocabulary's tokenizer: a one-line error naming the file and the kept HF export."""
+    from tokalign.stages.export import check_tokenization
+
+    assets = need_assets()
+    _, qwen, gguf = _tiny_export(assets / "tokenizers" / VOCABS["qwen2"], tmp_path)
+    strings = llamacpp.read_test_strings(assets / "tokenizers" / (VOCABS["qwen2"] + ".inp"))
+    assert check_tokenization(gguf, qwen, strings, tmp_path / "hf") == len(strings)
+    gpt2 = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
+    with pytest.raises(ExportError, match=r"model-f16.gguf: llama.cpp tokenizes \d+ of \d+ check strings differently.*"
+                                          r"Hugging Face export is kept"):
+        check_tokenization(gguf, gpt2, strings, tmp_path / "hf")
 
 
 def _free_port() -> int:
@@ -199,12 +216,17 @@ def test_server_answers_completion_and_chat_then_stops(tmp_path):
     assert proc.returncode is not None
 
 
+# its own init methods and threshold: it shares corpus, source, tokenize and embed with tests/test_integration.py through
+# the session cache, never their align and init outputs (a cached align writes no similarity_hist.png into a run)
+OWN = ("init_methods=[fvt,tokalign]", "similarity_threshold=0.29")
+
+
 @needs_llama_cpp
 @pytest.mark.slow
 def test_pipeline_exports_the_demo_model_and_checks_each_gguf(shared_cache, tmp_path):
     """The real SmolLM2 initialised on Qwen2: HF folder with the source's chat template, q8_0 and q4_k_m made by
     llama.cpp, each tokenizing like HF on llama.cpp's test strings and scored in llama.cpp."""
-    tokalign(*SMALL, "init_methods=[fvt,tokalign]", "export.enabled=true", "export.gguf_types=[q8_0,q4_k_m]",
+    tokalign(*SMALL, *OWN, "export.enabled=true", "export.gguf_types=[q8_0,q4_k_m]",
              "export.eval_samples=6", "wandb.mode=disabled", cache=shared_cache, run_dir=tmp_path)
     rep = json.loads((tmp_path / "stages" / "export_gguf" / "report.json").read_text())
     assert set(rep["gguf"]) == {"q8_0", "q4_k_m"} and rep["test_strings"].endswith("ggml-vocab-qwen2.gguf.inp")
@@ -221,3 +243,31 @@ def test_pipeline_exports_the_demo_model_and_checks_each_gguf(shared_cache, tmp_
     assert 151645 in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
     m = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     assert m["export/q8_0/bpb"] == pytest.approx(rep["gguf"]["q8_0"]["bpb"])
+    # a quant type llama.cpp does not know: refused by preflight, before any work, in one line printed last
+    r = tokalign(*SMALL, "export.enabled=true", "export.gguf_types=[q3_x]", "wandb.mode=disabled",
+                 cache=shared_cache, run_dir=tmp_path / "bad_type", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("tokalign: error: preflight: export.gguf_types: 'q3_x' not known"), last
+    # a GGUF step that fails (here: a missing test-strings file): the HF export stays published and linked
+    bad = tmp_path / "bad_strings"
+    r = tokalign(*SMALL, *OWN, "export.enabled=true", "export.gguf_types=[q8_0]",
+                 f"export.test_strings={tmp_path / 'nope.inp'}", "wandb.mode=disabled", cache=shared_cache, run_dir=bad,
+                 check=False)
+    assert r.returncode == 2 and "export.test_strings=" in r.stderr.strip().splitlines()[-1]
+    assert (bad / "stages" / "export" / "hf" / "model.safetensors").is_file()
+    summary = json.loads((bad / "summary.json").read_text())
+    assert summary["stages"]["export"]["status"] == "cached" and summary["stages"]["export_gguf"]["status"] == "failed"
+
+
+@needs_llama_cpp
+def test_preflight_refuses_gguf_export_it_cannot_do(tmp_path, monkeypatch):
+    from tokalign.config import ExportConfig
+    from tokalign.stages.preflight import PreflightError, check_export
+
+    cfg = make_cfg(export=ExportConfig(enabled=True, gguf_types=["q8_0", "q3_x"]))
+    with pytest.raises(PreflightError, match="export.gguf_types: 'q3_x' not known"):
+        check_export(cfg)
+    assert check_export(make_cfg(export=ExportConfig(enabled=True, gguf_types=[]))) == {}  # HF folder only
+    monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path))  # no converter there
+    with pytest.raises(PreflightError, match="install_llama_cpp.sh"):
+        check_export(make_cfg(export=ExportConfig(enabled=True)))

@@ -241,6 +241,7 @@ def gguf_bits_per_byte(llm: Any, tokenizer: Any, texts: Sequence[str], *, seq_le
 def speed(llm: Any, tokenizer: Any, text: str, prompt_tokens: int = 256, gen_tokens: int = 32) -> dict:
     """Prompt-processing and generation tokens per second of a loaded GGUF model on ``text`` (greedy decoding;
     generation is timed from the first new token on, so it excludes the prompt)."""
+    prompt_tokens = max(1, min(prompt_tokens, llm.n_ctx() - gen_tokens - 2))  # prompt and answer fit the context
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:prompt_tokens]
     llm.reset()
     t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Records Python, torch and CUDA versions, the GPU and its free memory against
 ``hardware.min_gpu_memory_gb``, free disk at the run and cache directories against
-``hardware.min_free_disk_gb``, and whether fasttext and FlashAttention import. With
+``hardware.min_free_disk_gb``, whether fasttext and FlashAttention import, and, when GGUF export is on, that
+llama.cpp's converter and runtime are installed and know every ``export.gguf_types`` (an error either way). With
 ``preflight.strict=true`` a shortfall is an error before any work; otherwise a warning.
 
 Run alone:  python -m tokalign.stages.preflight hardware=h100
@@ -66,8 +67,24 @@ def check(cfg, run_dir: Path) -> tuple[dict, list[str]]:
     return info, problems
 
 
+def check_export(cfg: Config) -> dict:
+    """With GGUF export asked for, llama.cpp's converter and runtime must be there and every type known to them:
+    an error now, not after hours of training (``export.enabled=false`` or ``export.gguf_types=[]`` skip it)."""
+    if not (cfg.export.enabled and cfg.export.gguf_types):
+        return {}
+    from tokalign import llamacpp
+
+    try:
+        converter = llamacpp.find_converter(cfg.export.converter)
+        llamacpp.check_types(cfg.export.gguf_types)
+    except llamacpp.ExportError as e:
+        raise PreflightError(f"preflight: {e} (GGUF export is on: export.enabled=true)") from e
+    return {"llama_cpp_converter": str(converter)}
+
+
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
     info, problems = check(cfg, ctx.run_dir)
+    info.update(check_export(cfg))
     info["problems"] = problems
     (out / "preflight.json").write_text(json.dumps(info, indent=1))
     for p in problems:
