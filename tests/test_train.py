@@ -116,6 +116,10 @@ def test_tracker_gets_namespaced_metrics(tmp_path):
     assert [d["stage1/step"] for d in evals] == [2, 4]  # every eval_steps, the last one also the end-of-stage eval
     hist = json.loads((tmp_path / "s1" / "log_history.json").read_text())
     assert [h["step"] for h in hist if "eval_bpb" in h] == [2, 4]
+    for h in (h for h in hist if "eval_bpb" in h):  # each curve point carries its 95% interval
+        lo, hi = h["eval_bpb_ci95"]
+        assert lo <= h["eval_bpb"] <= hi and lo < hi
+    assert all(d["stage1/eval_bpb_ci95_low"] <= d["stage1/eval_bpb"] <= d["stage1/eval_bpb_ci95_high"] for d in evals)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

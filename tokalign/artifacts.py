@@ -348,3 +348,26 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
                 os.link(f, dst / f.name)
             except OSError:
                 shutil.copy2(f, dst / f.name)
+
+
+CURVE_DOCS_CAP = 8  # the in-training bits-per-byte curve scores at most this many dev documents
+
+
+def head_bytes(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` of at most ``max_bytes`` UTF-8 bytes that ends before a space (whole words)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[:max_bytes].decode("utf-8", errors="ignore")
+    space = cut.rfind(" ")
+    return cut[:space] if space > 0 else cut
+
+
+def curve_texts(corpus_dir: Path, max_eval_samples: int, max_doc_bytes: int = 0) -> list[str]:
+    """The dev documents of the in-training recovery curve (stage training scores its model on them every
+    ``train.eval_steps``; ``evaluate_source`` scores the source on the same ones, the curve's target line): the first
+    ``min(eval.max_eval_samples, CURVE_DOCS_CAP)`` of ``dev.jsonl``, cut like the evaluation's documents
+    (``eval.max_doc_bytes``), never evaluation documents; none without a dev split."""
+    n = max_eval_samples if max_eval_samples > 0 else CURVE_DOCS_CAP
+    texts = read_texts(Path(corpus_dir) / "dev.jsonl", min(n, CURVE_DOCS_CAP), required=False)
+    return [head_bytes(t, max_doc_bytes) for t in texts] if max_doc_bytes else texts

@@ -178,7 +178,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     save_steps: int = 20  # checkpoint every N optimizer steps
-    eval_steps: int = 0  # bits per byte on a few eval texts every N steps and at the end (0 = none; the evaluate stage scores every stage)
+    eval_steps: int = 0  # the recovery curve: bits per byte (95% interval) on up to 8 dev documents every N steps and at each stage's end, against training tokens in recovery.png, recovery/tokens_to_within_{5,2}pct in the summary (0 = none; smoke: 4, research: 500)
     logging_steps: int = 1  # log loss, lr, grad norm every N steps
     gradient_checkpointing: bool = False  # trade compute for activation memory
     compile: bool = False  # torch.compile the model
@@ -187,12 +187,16 @@ class TrainConfig:
     lora_r: int = 16  # LoRA rank (stage 2 with stage2_use_lora)
     lora_alpha: int = 32  # LoRA scaling
     lora_dropout: float = 0.05  # LoRA dropout
+    objective: str = "lm"  # lm: next-token loss; distill: match the source model's chunk log-likelihoods (tokalign/distill.py); mix: (1 - distill_weight) * lm + distill_weight * distill. lm chosen on the dev curve at the smoke budget: last dev point 1.203 x the source (lm) vs 1.207 (distill) (scripts/bench_recovery.py, scripts/results/recovery_smoke.json)
+    distill_weight: float = 0.5  # mix only: the distillation share of the loss (not tuned)
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # module names that get LoRA adapters
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 8, "train.seq_len", ">= 8", self.seq_len)
+        _check(self.objective in ("lm", "distill", "mix"), "train.objective", "lm, distill or mix", self.objective)
+        _check(0.0 <= self.distill_weight <= 1.0, "train.distill_weight", "in [0, 1]", self.distill_weight)
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", ">= 1", self.micro_batch_size)
         _check(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
         _check(self.save_steps >= 1, "train.save_steps", ">= 1", self.save_steps)

@@ -25,6 +25,15 @@ class OrderedTrainer(Trainer):
     """A Trainer that keeps the dataset's order and stops on a NaN/inf loss or gradient norm."""
 
     stage_name = "train"
+    distiller = None  # a tokalign.distill.Distiller: the loss of train.objective=distill or mix
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.distiller is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        loss = self.distiller.loss(outputs, inputs["input_ids"])
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -113,17 +122,21 @@ class StageCallback(TrainerCallback):
         if self.eval_fn is None or state.global_step == self.last_eval_step:
             return
         t0 = time.time()
-        bpb = self.eval_fn(model)
+        res = self.eval_fn(model)  # {"bpb", "ci95"} (a bare float is taken too)
         dt = time.time() - t0
         self.eval_seconds += dt
         self._eval_since_last += dt
         self.last_eval_step = state.global_step
-        if bpb is None:
+        if res is None:
             return
+        bpb, ci = (res["bpb"], res.get("ci95")) if isinstance(res, dict) else (float(res), None)
         self.last_bpb = bpb
-        state.log_history.append({"step": state.global_step, "eval_bpb": bpb})
+        state.log_history.append({"step": state.global_step, "eval_bpb": bpb, "eval_bpb_ci95": ci})
         if state.is_world_process_zero:
-            self.tracker.log({f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb})
+            rec = {f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb}
+            if ci is not None:
+                rec.update({f"{self.ns}/eval_bpb_ci95_low": ci[0], f"{self.ns}/eval_bpb_ci95_high": ci[1]})
+            self.tracker.log(rec)
         log.info("[%s] step %d: eval bits per byte %.4f (%.1fs)", self.ns, state.global_step, bpb, dt)
 
     def on_step_end(self, args, state, control, model=None, **kw):

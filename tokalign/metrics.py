@@ -42,6 +42,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from tokalign.artifacts import head_bytes  # noqa: F401  (re-exported: M.head_bytes)
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,6 @@ def start_token_id(tokenizer: Any) -> Optional[int]:
         if tid is not None:
             return int(tid)
     return None
-
-
-def head_bytes(text: str, max_bytes: int) -> str:
-    """The longest start of ``text`` of at most ``max_bytes`` UTF-8 bytes that ends before a space (whole words)."""
-    raw = text.encode("utf-8")
-    if len(raw) <= max_bytes:
-        return text
-    cut = raw[:max_bytes].decode("utf-8", errors="ignore")
-    space = cut.rfind(" ")
-    return cut[:space] if space > 0 else cut
 
 
 def roundtrip_mismatches(tokenizer: Any, texts: Sequence[str]) -> int:

@@ -52,9 +52,15 @@ class Stage:
     when: Callable[[Config], bool] = lambda cfg: True  # skip the stage when False
 
 
+def _curve_keys(cfg: Config) -> tuple[str, ...]:
+    """With an in-training recovery curve (``train.eval_steps > 0``) a training stage's log also depends on how
+    the curve's dev documents are chosen and scored."""
+    return ("eval.max_eval_samples", "eval.max_doc_bytes", "eval.seq_len", "eval.stride") if cfg.train.eval_steps > 0 else ()
+
+
 # name            run                     reads                               config keys (the cache key)
 STAGES: list[Stage] = [
-    Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir"), cached=False),
+    Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir", "export"), cached=False),
     Stage("corpus", corpus.run, (), ("corpus", "eval_corpus", "corpus_text_field", "corpus_bytes", "holdout_ids",
                                      "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
                                      "eval.pubmedqa_test_ids")),  # not corpus_max_bad_share: it only decides failure
@@ -69,12 +75,12 @@ STAGES: list[Stage] = [
     Stage("evaluate_source", evaluate.run_source, ("corpus", "source"), ("eval", "hardware.dtype", "seed")),
     Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "align", "init", "evaluate_source"),
           ("eval", "init_methods", "alignment.reference_pairs", "hardware.dtype", "seed")),
-    Stage("train_stage1", launched(train.run_stage1), ("corpus", "tokenize", "init"),
-          ("lr_stage1", "steps_stage1", "train", "lr_schedule", "seed", "hardware.dtype"),
+    Stage("train_stage1", launched(train.run_stage1), ("corpus", "source", "tokenize", "init"),  # source: the teacher
+          ("lr_stage1", "steps_stage1", "train", "lr_schedule", "seed", "hardware.dtype"), keys_if=_curve_keys,
           resumable=True, when=lambda cfg: cfg.steps_stage1 > 0),
-    Stage("train_stage2", launched(train.run_stage2), ("corpus", "tokenize", "init", "train_stage1"),
+    Stage("train_stage2", launched(train.run_stage2), ("corpus", "source", "tokenize", "init", "train_stage1"),
           ("lr_stage2", "steps_stage2", "train_start_idx_stage2", "stage2_use_lora", "train", "lr_schedule", "seed",
-           "hardware.dtype", "steps_stage1"),
+           "hardware.dtype", "steps_stage1"), keys_if=_curve_keys,
           resumable=True, when=lambda cfg: cfg.steps_stage2 > 0),
     Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "evaluate_source", "evaluate_init",
                                            "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),

@@ -40,7 +40,8 @@ import torch
 
 from tokalign import metrics as M
 from tokalign import refs, stats
-from tokalign.artifacts import ArtifactError, read_texts
+from tokalign import recovery as R
+from tokalign.artifacts import ArtifactError, curve_texts, read_texts
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.errors import TokalignError
@@ -247,9 +248,13 @@ def run_source(cfg: Config, ctx: Context, out: Path) -> dict:
                "eval/docs": len(texts), "eval/bytes": r["bytes"], "eval/source_tokens": r["tokens"]}
     log.info("bpb source: %.4f [%.4f, %.4f] (%d docs, %d tokens, %.0f tok/s)", metrics["bpb/source"],
              *metrics["bpb/source/ci95"], len(texts), r["tokens"], r["tokens_per_s"])
+    detail: dict[str, Any] = {"bpb": {"source": r}, "pubmedqa": {}}
+    dev = curve_texts(ctx.path("corpus"), cfg.eval.max_eval_samples, cfg.eval.max_doc_bytes)
+    if dev:  # the target line of the in-training recovery curve, on the dev documents that curve is scored on
+        detail["bpb"]["source_dev"] = _bpb(model, tok, dev, cfg, "bpb source (dev)")
+        metrics.update(bpb_metrics("bpb/source_dev", detail["bpb"]["source_dev"], cfg.seed))
     examples, pq = pubmedqa_examples(cfg)
     metrics.update(pq)
-    detail: dict[str, Any] = {"bpb": {"source": r}, "pubmedqa": {}}
     if examples is not None:
         m, detail["pubmedqa"]["source"] = pubmedqa_scores(model, tok, examples, cfg, "source")
         metrics.update(m)
@@ -430,34 +435,56 @@ def generate_samples(model: Any, tok: Any, prompts=SAMPLE_PROMPTS, max_new_token
     return outs
 
 
-def _loss_history(path: Optional[Path]) -> list[tuple[float, float]]:
-    if path is None:
-        return []
-    f = Path(path) / "log_history.json"
-    if not f.is_file():
+def _history_rows(path: Optional[Path]) -> list[dict]:
+    """A training stage's ``log_history.json`` rows ([] when absent or unreadable)."""
+    f = Path(path) / "log_history.json" if path is not None else None
+    if f is None or not f.is_file():
         return []
     try:
         hist = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        log.warning("%s: unreadable (%s); no loss curve", f, e)
+        log.warning("%s: unreadable (%s); no training curves", f, e)
         return []
-    pts = []
-    for i, h in enumerate(hist if isinstance(hist, list) else []):
-        if isinstance(h, dict) and isinstance(h.get("loss"), (int, float)):
-            pts.append((float(h.get("step", i)), float(h["loss"])))
-    return pts
+    return [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+
+
+def _loss_history(rows: list[dict]) -> list[tuple[float, float]]:
+    return [(float(h.get("step", i)), float(h["loss"])) for i, h in enumerate(rows)
+            if isinstance(h.get("loss"), (int, float))]
+
+
+def _curve_panel(ax: Any, points: list[dict], source_dev: Optional[float]) -> None:
+    """Dev bits per byte (95% intervals) against training tokens, stage 2 after stage 1, the source as a line."""
+    if not points:
+        ax.text(0.5, 0.5, "no in-training evaluation (train.eval_steps=0)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+    for stage in dict.fromkeys(p["stage"] for p in points):
+        pts = [p for p in points if p["stage"] == stage]
+        xs, ys = [p["tokens"] for p in pts], [p["bpb"] for p in pts]
+        lo = [p["bpb"] - p["ci95"][0] if p.get("ci95") else 0.0 for p in pts]
+        hi = [p["ci95"][1] - p["bpb"] if p.get("ci95") else 0.0 for p in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1.2, label=stage)
+    if source_dev is not None:
+        ax.axhline(source_dev, color="#d65f5f", ls="--", lw=1, label="source")
+        ax.axhline(1.05 * source_dev, color="#d65f5f", ls=":", lw=0.8, label="source +5%")
+    if points:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("dev bits per byte, 95% interval")
+    ax.set_title("recovery curve", fontsize=10)
 
 
 def recovery_plot(bars: dict[str, tuple[float, list[float]]], curves: dict[str, list[tuple[float, float]]],
-                  path: Path) -> None:
-    """Left: bits per byte by stage with 95% intervals; right: training loss curves (stage 2 continues stage 1's
-    step axis)."""
+                  path: Path, points: Optional[list[dict]] = None, source_dev: Optional[float] = None) -> None:
+    """Left: bits per byte by stage with 95% intervals; middle: the recovery curve (dev bits per byte against
+    training tokens, the source's line); right: training loss curves (stage 2 continues stage 1's step axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(16, 4))
+    _curve_panel(a3, points or [], source_dev)
     if bars:
         names = list(bars)
         ys = [bars[n][0] for n in names]
@@ -644,11 +671,16 @@ def _final_report(ctx: Any, metrics: dict, detail: dict, sample_rows: list, reco
     for n in ("stage1", "stage2"):
         if isinstance(allm.get(f"bpb/{n}"), (int, float)):
             bars[n] = (allm[f"bpb/{n}"], allm[f"bpb/{n}/ci95"])
-    curves = {n: _loss_history(ctx.path(f"train_{n}") if ctx.has(f"train_{n}") else None) for n in ("stage1", "stage2")}
+    rows = {n: _history_rows(ctx.path(f"train_{n}") if ctx.has(f"train_{n}") else None) for n in ("stage1", "stage2")}
+    curves = {n: _loss_history(r) for n, r in rows.items()}
+    points = R.curve(list(rows.items()))
+    source_dev = allm.get("bpb/source_dev") if isinstance(allm.get("bpb/source_dev"), (int, float)) else None
+    metrics.update(R.recovery_metrics(points, source_dev))
+    detail["recovery"] = {"points": points, "source_dev_bpb": source_dev}
     rec = Path(ctx.run_dir) / "recovery.png"
     try:
         Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
-        recovery_plot(bars, curves, rec)
+        recovery_plot(bars, curves, rec, points, source_dev)
         ctx.tracker.image("recovery", rec)
     except Exception as e:
         record("plot/error", f"recovery.png not written: {type(e).__name__}: {e}")

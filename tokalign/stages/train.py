@@ -8,12 +8,15 @@ default, where stage 1 stopped (read from stage 1's ``data_state.json``), whatev
 
 Outputs (``out``):
   ``model/``            the trained model (LoRA merged) with the target tokenizer, safetensors, float32
-  ``log_history.json``  list of {step, loss, lr, grad_norm, tokens_seen, passes[, eval_bpb]}
+  ``log_history.json``  list of {step, loss, lr, grad_norm, tokens_seen, passes[, eval_bpb, eval_bpb_ci95]}
   ``data_state.json``   {start_idx, end_idx, n_blocks, seq_len, global_batch, passes, seed}
   ``resume.json``       {resumed, step, checkpoint}: the checkpoint this (last) run continued from, if any
   ``checkpoints/``      only while training: a crashed stage resumes from the latest ``checkpoint-*``;
                         removed after success unless ``train.keep_checkpoints`` is set
 Stage 2 also hard-links (or copies) its model to ``<run dir>/adapted_model``.
+
+The loss is ``train.objective``'s: next-token (``lm``), chunk-likelihood distillation from the source model under its
+own tokenizer (``distill``: ``tokalign/distill.py``), or a mix of the two.
 
 A loss or gradient norm that turns NaN/inf stops the stage with :class:`TrainingDivergedError`
 before the optimizer applies it, so the last checkpoint stays good. The Trainer subclass and the
@@ -24,6 +27,7 @@ continues, what trains, where its data starts); ``train_stage`` reads like the s
 inputs, trainable parameters, arguments, data, in-training evaluation, train, save, metrics.
 
 Run alone (the pipeline caches the stages before it):  python -m tokalign steps_stage1=200 lr_stage1=5e-5
+                                                       python -m tokalign train.objective=distill
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tokalign import refs
-from tokalign.artifacts import link_or_copy_tree, load_stream, read_texts
+from tokalign.artifacts import curve_texts, link_or_copy_tree, load_stream
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.data import PackedSequences, pack_blocks
 from tokalign.errors import TokalignError
 from tokalign.metrics import bits_per_byte
+from tokalign.stats import bpb_interval
 from tokalign.modelfacts import is_tied
 from tokalign.trainer import TrainingDivergedError, checkpoints
 
@@ -54,7 +59,6 @@ __all__ = ["STAGE1", "STAGE2", "TrainInputError", "TrainSpec", "TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-EVAL_DOCS_CAP = 8  # in-training bits-per-byte uses at most this many dev documents (the final eval stage scores the eval set)
 
 
 class TrainInputError(TokalignError, ValueError):
@@ -157,12 +161,6 @@ def _module_name(model, module) -> str:
     raise RuntimeError("module not found in the model")
 
 
-def _eval_texts(corpus_dir: Path, limit: int) -> list[str]:
-    """The first ``limit`` dev documents for in-training bits per byte (never the evaluation documents: settings
-    are chosen on these); none when the corpus stage wrote none."""
-    return read_texts(Path(corpus_dir) / "dev.jsonl", limit, required=False)
-
-
 def _device_and_precision(cfg) -> tuple[bool, bool]:
     import torch
 
@@ -246,6 +244,23 @@ def _inputs(cfg: Config, ctx: Context, spec: TrainSpec) -> _Inputs:
     return _Inputs(model_dir, Path(tok_dir), tokenizer, eos_id, model, ids, offsets)
 
 
+def _distiller(cfg: Config, ctx: Context, tokenizer: Any, device: Any) -> Any:
+    """The teacher and chunking of ``train.objective=distill``/``mix`` (None for ``lm``): the source model under its
+    own tokenizer, frozen (``tokalign/distill.py``)."""
+    if cfg.train.objective == "lm":
+        return None
+    from tokalign import distill
+    from tokalign.metrics import start_token_id
+
+    src = ctx.path("source") / "model"
+    teacher = refs.load_model(str(src), dtype=cfg.hardware.dtype, device=str(device),
+                              attn_implementation=cfg.hardware.attn_implementation).eval()
+    teacher.requires_grad_(False)
+    teacher_tok = refs.load_tokenizer(str(src))
+    weight = 1.0 if cfg.train.objective == "distill" else cfg.train.distill_weight
+    return distill.Distiller(teacher, teacher_tok, distill.token_bytes(tokenizer), start_token_id(teacher_tok), weight)
+
+
 def _make_trainable(model: Any, cfg: Config, spec: TrainSpec) -> tuple[Any, int]:
     """The model with this stage's parameters trainable (wrapped for LoRA), and how many parameters train."""
     model, label = spec.trainable(model, cfg)
@@ -314,12 +329,12 @@ def _data(cfg: Config, ctx: Context, spec: TrainSpec, inp: _Inputs, world_size: 
 
 
 def _eval_fn(cfg: Config, ctx: Context, spec: TrainSpec, tokenizer: Any, args: Any,
-             bf16: bool) -> Optional[Callable[[Any], float]]:
-    """Bits per byte on a few dev documents, for the in-training curve (None when there are none)."""
+             bf16: bool) -> Optional[Callable[[Any], dict]]:
+    """Bits per byte (with its 95% interval) on a few dev documents, for the in-training recovery curve (None when
+    there are none)."""
     import torch
 
-    n_eval = cfg.eval.max_eval_samples if cfg.eval.max_eval_samples > 0 else EVAL_DOCS_CAP
-    texts = _eval_texts(ctx.path("corpus"), min(n_eval, EVAL_DOCS_CAP))
+    texts = curve_texts(ctx.path("corpus"), cfg.eval.max_eval_samples, cfg.eval.max_doc_bytes)
     if not texts:
         log.info("[%s] no dev texts (corpus/dev.jsonl missing or empty): no bits per byte during training", spec.name)
         return None
@@ -332,7 +347,8 @@ def _eval_fn(cfg: Config, ctx: Context, spec: TrainSpec, tokenizer: Any, args: A
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 res = bits_per_byte(model, tokenizer, texts, seq_len=cfg.eval.seq_len, stride=cfg.eval.stride,
                                     batch_size=cfg.eval.batch_size, device=device, progress=False)
-            return float(res["bpb"])
+            value, ci = bpb_interval(res["doc_bits"], res["doc_bytes"], cfg.seed)
+            return {"bpb": float(value), "ci95": ci}
         finally:
             if was_training:
                 model.train()
@@ -395,6 +411,9 @@ def _metrics(spec: TrainSpec, trainer: Any, cb: Any, hist: list[dict], data_stat
     }
     if cb.last_bpb is not None:
         metrics[f"{ns}/eval_bpb"] = float(cb.last_bpb)
+    last = getattr(getattr(trainer, "distiller", None), "last", None)
+    if last:  # the last batch's parts of a distill/mix loss
+        metrics.update({f"{ns}/{k}": v for k, v in last.items() if v is not None})
     return metrics
 
 
@@ -435,6 +454,7 @@ def train_stage(cfg: Config, ctx: Context, out: Path, stage: int, *, callbacks: 
     trainer = OrderedTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                              callbacks=[cb, *callbacks])
     trainer.stage_name = spec.name
+    trainer.distiller = _distiller(cfg, ctx, inp.tokenizer, args.device)
     # Under torchrun every rank runs this function on the same ``out``: only rank 0 writes there (two ranks
     # writing, and one removing ``model/`` while the other saves it, made the 2-process test fail at random).
     main = trainer.is_world_process_zero()
@@ -485,6 +505,8 @@ def _history(log_history: list[dict], tokens_per_step: int, start_idx: int, glob
                 rec["grad_norm"] = float(e["grad_norm"])
         if "eval_bpb" in e:
             rec["eval_bpb"] = float(e["eval_bpb"])
+            if e.get("eval_bpb_ci95") is not None:
+                rec["eval_bpb_ci95"] = [float(x) for x in e["eval_bpb_ci95"]]
     return [by_step[s] for s in sorted(by_step) if len(by_step[s]) > 3]
 
 

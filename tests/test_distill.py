@@ -1,0 +1,131 @@
+"""Cross-tokenizer distillation: chunks of shared byte boundaries and the chunk-likelihood loss (``tokalign/distill.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import need_assets, tiny_llama
+from tokalign import distill as D
+from tokalign import refs
+
+
+def _chunk_bytes(ids, tb, ch, teacher_tok):
+    s = [b"".join(tb[ids[i]] for i in toks) for toks in ch.student]
+    flat = [t for seg in ch.teacher_ids for t in seg]
+    t = [teacher_tok.decode([flat[j] for j in toks]).encode("utf-8") for toks in ch.teacher]
+    return s, t
+
+
+def test_chunks_of_byte_level_bpe_against_sentencepiece_cover_the_same_bytes():
+    assets = need_assets()
+    student = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-qwen2.gguf"))
+    teacher = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-llama-spm.gguf"))
+    text = "The patient's BP was 120/80 mmHg; endotracheal intubation followed."
+    ids = student(text, add_special_tokens=False)["input_ids"]
+    tb = D.token_bytes(student)
+    assert b"".join(tb[i] for i in ids) == text.encode("utf-8")  # the student's bytes are exact
+    ch = D.align_chunks(ids, tb, teacher)
+    s, t = _chunk_bytes(ids, tb, ch, teacher)
+    assert len(ch.student) >= 5
+    # hand-checked: ' patient' is one token on both sides; "'s" is one Qwen2 token and two pieces ("'", "s");
+    # ' endotracheal' is ' end'+'otr'+'ache'+'al' in Qwen2 and '▁end'+'ot'+'rache'+'al' in SentencePiece, so
+    # 'otrache' is one chunk of two tokens on each side
+    flat = [t for seg in ch.teacher_ids for t in seg]
+    pairs = {a: ([student.convert_ids_to_tokens(ids[i]) for i in st], teacher.convert_ids_to_tokens([flat[j] for j in tt]))
+             for a, st, tt in zip(s, ch.student, ch.teacher)}
+    assert pairs[b" patient"] == (["Ġpatient"], ["▁patient"])
+    assert pairs[b"'s"] == (["'s"], ["'", "s"])
+    assert pairs[b"otrache"] == (["otr", "ache"], ["ot", "rache"])
+    for a, b in zip(s, t):
+        assert a.strip() == b.strip()  # SentencePiece decodes a chunk without its leading space
+    assert ch.student[0][0] > 0  # the block's first token has no context: never scored
+
+
+def test_a_special_token_splits_the_teacher_text_and_a_cut_character_is_left_out():
+    assets = need_assets()
+    student = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-qwen2.gguf"))
+    teacher = refs.load_tokenizer(str(assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tb = D.token_bytes(student)
+    eos = student.convert_tokens_to_ids("<|endoftext|>")
+    ids = student("dose 5 µg daily", add_special_tokens=False)["input_ids"] + [eos] + \
+        student("next note", add_special_tokens=False)["input_ids"]
+    segs = D.teacher_segments(ids, tb)
+    assert [raw for _, raw in segs] == [b"dose 5 \xc2\xb5g daily", b"next note"]
+    assert D._valid_utf8(b"\xb5g daily") == (1, 8) and D._valid_utf8(b"dose \xc2") == (0, 5)
+    ch = D.align_chunks(ids, tb, teacher)
+    assert len(ch.teacher_ids) == 2 and all(i != ids.index(eos) for toks in ch.student for i in toks)
+
+
+def test_loss_is_zero_for_the_same_model_and_tokenizer_and_positive_otherwise():
+    assets = need_assets()
+    tok = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
+    tb = D.token_bytes(tok)
+    teacher, other = tiny_llama(vocab=len(tok), seed=0), tiny_llama(vocab=len(tok), seed=1)
+    texts = ["The patient was given aspirin.", "Blood pressure fell after treatment."]
+    ids = [tok(t, add_special_tokens=False)["input_ids"][:7] for t in texts]
+    x = torch.tensor(ids)
+    chunks = [D.align_chunks(i, tb, tok) for i in ids]
+    assert all(len(c.student) == len(i) - 1 for c, i in zip(chunks, ids))  # one tokenizer: every token a chunk
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    t_lp = [D.teacher_logprobs(teacher, c.teacher_ids, None, "cpu") for c in chunks]
+    same, n = D.chunk_loss(teacher(input_ids=x).logits, x, chunks, t_lp)
+    assert n == sum(len(c.student) for c in chunks) and abs(float(same)) < 1e-5
+    diff, _ = D.chunk_loss(other(input_ids=x).logits, x, chunks, t_lp)
+    assert float(diff) > 1e-3
+    assert start is not None
+
+
+def test_a_few_distillation_steps_lower_the_loss():
+    assets = need_assets()
+    tok = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
+    tb = D.token_bytes(tok)
+    teacher, student = tiny_llama(vocab=len(tok), seed=0), tiny_llama(vocab=len(tok), seed=1)
+    ids = [tok("Hypertension is common in older adults with diabetes.", add_special_tokens=False)["input_ids"][:9]]
+    x = torch.tensor(ids)
+    chunks = [D.align_chunks(ids[0], tb, tok)]
+    t_lp = [D.teacher_logprobs(teacher, chunks[0].teacher_ids, None, "cpu")]
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss, _ = D.chunk_loss(student(input_ids=x).logits, x, chunks, t_lp)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stage1_trains_on_the_distillation_objective(tmp_path):
+    """``train.objective=distill`` through the training stage: the teacher is the ``source`` output (its own
+    tokenizer), the logged loss is the chunk loss and it falls; ``mix`` logs both parts."""
+    import json
+
+    import numpy as np
+
+    from conftest import make_cfg
+    from tokalign.context import Context
+    from tokalign.stages import train
+
+    assets = need_assets()
+    tok = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
+    teacher_tok = refs.load_tokenizer(str(assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    texts = [f"Patient {i} had blood pressure {120 + i}/80 and was given aspirin daily." for i in range(40)]
+    tiny_llama(vocab=len(tok), seed=1).save_pretrained(tmp_path / "init" / "model")
+    tok.save_pretrained(tmp_path / "init" / "model")
+    tiny_llama(vocab=len(teacher_tok), seed=0).save_pretrained(tmp_path / "source" / "model")
+    teacher_tok.save_pretrained(tmp_path / "source" / "model")
+    docs = [np.array(tok(t, add_special_tokens=False)["input_ids"], dtype=np.uint32) for t in texts]
+    (tmp_path / "tokenize").mkdir()
+    np.save(tmp_path / "tokenize" / "target_ids.npy", np.concatenate(docs))
+    np.save(tmp_path / "tokenize" / "target_offsets.npy", np.concatenate([[0], np.cumsum([len(d) for d in docs])]))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "run").mkdir()
+    ctx = Context(run_dir=tmp_path / "run", outputs={k: tmp_path / k for k in ("init", "tokenize", "corpus", "source")})
+    cfg = make_cfg(steps_stage1=6, train={"objective": "distill", "seq_len": 24})
+    m = train.run_stage1(cfg, ctx, tmp_path / "s1")
+    assert m["stage1/chunks"] > 10 and m["stage1/lm_loss"] > 0
+    losses = [h["loss"] for h in json.loads((tmp_path / "s1" / "log_history.json").read_text()) if "loss" in h]
+    assert losses[-1] == m["stage1/final_loss"] and losses[-1] < losses[0]
+    mixed = train.run_stage1(make_cfg(steps_stage1=2, train={"objective": "mix", "seq_len": 24}), ctx, tmp_path / "s2")
+    lm, d = mixed["stage1/lm_loss"], mixed["stage1/distill_loss"]
+    assert mixed["stage1/final_loss"] > 0 and lm > 0 and d > 0

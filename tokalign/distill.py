@@ -1,0 +1,211 @@
+"""Cross-tokenizer distillation (``train.objective=distill``): the source model under its own tokenizer is the teacher,
+the adapted model the student, and the student's likelihood of each *chunk* of text is matched to the teacher's.
+
+Approximate likelihood matching (ALM; tokenkit, Minixhofer et al. 2025): two tokenizations of the same bytes share
+some token boundaries; the spans between consecutive shared boundaries are chunks, and a chunk's likelihood is the
+product of its tokens' probabilities under either model, so the two are directly comparable. The loss per chunk is
+the absolute gap between the teacher's and the student's chunk log-likelihoods (0 exactly when they agree; ALM's
+binary KL between chunk probabilities gives almost no gradient for improbable chunks, ``chunk_distance``), averaged
+over the chunks of a batch.
+
+A training block is a window of target token ids; its bytes come from the target vocabulary (``token_bytes``), so
+the student's boundaries are exact. The teacher reads the same bytes: each stretch between special tokens is
+decoded (an incomplete UTF-8 character at a block's edge is left out), tokenized with the source tokenizer and
+scored after the source's document separator. Chunks that touch the block's first token (no context for the
+student) or bytes the teacher did not read are not scored.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer: Any) -> list[bytes]:
+    """The bytes each token id stands for (special tokens: ``b""``, they split the text): byte-level BPE through
+    GPT-2's alphabet, SentencePiece pieces with ``▁`` as a space and ``<0xNN>`` byte pieces."""
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    dec = _byte_decoder()
+    out: list[bytes] = []
+    for i, p in enumerate(pieces):
+        if i in special or p is None:
+            out.append(b"")
+        elif byte_level:
+            out.append(bytes(dec[c] for c in p) if all(c in dec for c in p) else p.encode("utf-8"))
+        elif len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+            out.append(bytes([int(p[3:5], 16)]))
+        else:
+            out.append(p.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def _valid_utf8(raw: bytes) -> tuple[int, int]:
+    """(first, last) byte positions of the longest stretch of ``raw`` that starts and ends on whole characters."""
+    start = 0
+    while start < len(raw) and 0x80 <= raw[start] < 0xC0:  # continuation bytes of a character cut off in front
+        start += 1
+    end = len(raw)
+    for back in range(1, min(4, end - start) + 1):  # an incomplete character at the end
+        b = raw[end - back]
+        if b >= 0xC0:
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                end -= back
+            break
+        if b < 0x80:
+            break
+    return start, end
+
+
+@dataclass
+class Chunks:
+    """The chunks of one block: for each, the student token positions and the teacher token positions in it."""
+
+    student: list[list[int]]  # token indices into the block
+    teacher: list[list[int]]  # token indices into ``teacher_ids`` (all segments, concatenated)
+    teacher_ids: list[list[int]]  # the teacher's token ids, one list per segment (each scored after its separator)
+
+
+def teacher_segments(ids: Sequence[int], tb: list[bytes]) -> list[tuple[int, bytes]]:
+    """Stretches of a block between special tokens: (byte offset in the block, bytes)."""
+    segs, pos, start, buf = [], 0, 0, b""
+    for i in ids:
+        b = tb[i]
+        if not b:
+            if buf:
+                segs.append((start, buf))
+            buf, start = b"", pos
+            continue
+        if not buf:
+            start = pos
+        buf += b
+        pos += len(b)
+    if buf:
+        segs.append((start, buf))
+    return segs
+
+
+def align_chunks(ids: Sequence[int], tb: list[bytes], teacher_tok: Any) -> Chunks:
+    """Chunk the block ``ids`` (student ids; ``tb = token_bytes(student tokenizer)``) against the teacher's
+    tokenization of the same bytes."""
+    ends_s, pos = [], 0
+    for i in ids:
+        pos += len(tb[i])
+        ends_s.append(pos)
+    t_ids: list[list[int]] = []
+    t_spans: list[tuple[int, int]] = []  # byte span in the block of every teacher token (all segments)
+    for off, raw in teacher_segments(ids, tb):
+        a, b = _valid_utf8(raw)
+        text = raw[a:b].decode("utf-8")
+        if not text:
+            continue
+        enc = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        cum = [0]
+        for ch in text:
+            cum.append(cum[-1] + len(ch.encode("utf-8")))
+        t_ids.append(list(enc["input_ids"]))
+        t_spans += [(off + a + cum[s], off + a + cum[e]) for s, e in enc["offset_mapping"]]
+    t_start = {s for s, _ in t_spans}
+    shared = sorted(set(ends_s) & {e for _, e in t_spans})
+    # a chunk: tokens of both sides between two consecutive shared boundaries, the lower one a teacher start too
+    chunks_s: dict[int, list[int]] = {}
+    chunks_t: dict[int, list[int]] = {}
+    for i, e in enumerate(ends_s):
+        k = bisect_left(shared, e)
+        if k < len(shared) and len(tb[ids[i]]) > 0:
+            chunks_s.setdefault(k, []).append(i)
+    for j, (_, e) in enumerate(t_spans):
+        k = bisect_left(shared, e)
+        if k < len(shared):
+            chunks_t.setdefault(k, []).append(j)
+    keep = []
+    for k in sorted(set(chunks_s) & set(chunks_t)):
+        lo = shared[k - 1] if k > 0 else None
+        s_tok, t_tok = chunks_s[k], chunks_t[k]
+        s_lo = ends_s[s_tok[0]] - len(tb[ids[s_tok[0]]])
+        t_lo = t_spans[t_tok[0]][0]
+        if s_tok[0] == 0 or s_lo != t_lo or t_lo not in t_start or (lo is not None and lo != s_lo):
+            continue  # no student context, or the two sides do not cover the same bytes
+        keep.append(k)
+    return Chunks([chunks_s[k] for k in keep], [chunks_t[k] for k in keep], t_ids)
+
+
+def chunk_distance(teacher_ll: torch.Tensor, student_ll: torch.Tensor) -> torch.Tensor:
+    """|log p_teacher(chunk) - log p_student(chunk)| in nats: 0 exactly when the two agree. ALM's binary KL between
+    the chunk probabilities vanishes for improbable chunks (a new model gives most chunks p << 1), so its gradient
+    does too; the gap of log-likelihoods keeps a signal of the same size for every chunk."""
+    return (teacher_ll - student_ll).abs()
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher: Any, segments: list[list[int]], start_id: Optional[int], device: Any) -> list[torch.Tensor]:
+    """Log-probability of every teacher token of each segment (after ``start_id``), one tensor per segment."""
+    out = []
+    for seg in segments:
+        ctx = ([start_id] if start_id is not None else []) + seg
+        x = torch.tensor([ctx], device=device)
+        lp = torch.log_softmax(teacher(input_ids=x).logits[0, :-1].float(), dim=-1)
+        tgt = x[0, 1:]
+        got = lp.gather(1, tgt[:, None])[:, 0]
+        out.append(got if start_id is not None else torch.cat([got.new_full((1,), float("nan")), got]))
+    return out
+
+
+def chunk_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, chunks: list[Chunks],
+               teacher_lp: list[list[torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """Mean ``chunk_distance`` over all chunks of a batch, and the chunk count."""
+    lp = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)
+    tok_lp = lp.gather(2, input_ids[:, 1:, None])[..., 0]  # log p(token i+1 | ...i), position i+1 -> index i
+    losses = []
+    for b, ch in enumerate(chunks):
+        t_flat = torch.cat(teacher_lp[b]) if teacher_lp[b] else tok_lp.new_zeros(0)
+        for s_tok, t_tok in zip(ch.student, ch.teacher):
+            ls = tok_lp[b, [i - 1 for i in s_tok]].sum()
+            lt = t_flat[t_tok].sum()
+            if torch.isfinite(lt):
+                losses.append(chunk_distance(lt.detach(), ls))
+    if not losses:
+        return student_logits.sum() * 0.0, 0
+    return torch.stack(losses).mean(), len(losses)
+
+
+@dataclass
+class Distiller:
+    """The training loss of ``train.objective=distill`` (``weight`` 1) or ``mix`` (``(1 - w) * lm + w * distill``):
+    called by the Trainer with the student's outputs on a batch of packed target-token blocks."""
+
+    teacher: Any  # the source model, frozen, in eval mode
+    teacher_tok: Any  # the source tokenizer
+    tb: list[bytes]  # token_bytes(student tokenizer)
+    start_id: Optional[int]  # the source's document separator, the teacher's context before every segment
+    weight: float = 1.0
+    last: dict = None  # the last batch's {"lm_loss", "distill_loss", "chunks"}
+
+    def loss(self, outputs: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        chunks = [align_chunks(row.tolist(), self.tb, self.teacher_tok) for row in input_ids]
+        t_lp = [teacher_logprobs(self.teacher, c.teacher_ids, self.start_id, input_ids.device) for c in chunks]
+        d, n = chunk_loss(outputs.logits, input_ids, chunks, t_lp)
+        lm = outputs.loss
+        self.last = {"lm_loss": float(lm.detach()) if lm is not None else None, "distill_loss": float(d.detach()),
+                     "chunks": n}
+        if self.weight >= 1.0 or lm is None:
+            return d
+        return (1.0 - self.weight) * lm + self.weight * d
