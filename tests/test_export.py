@@ -217,7 +217,7 @@ def test_server_answers_completion_and_chat_then_stops(tmp_path):
 
 
 # its own init methods and threshold: it shares corpus, source, tokenize and embed with tests/test_integration.py through
-# the session cache, never their align and init outputs (a cached align writes no similarity_hist.png into a run)
+# the session cache, not their align and init outputs (those tests check what a freshly computed align reports)
 OWN = ("init_methods=[fvt,tokalign]", "similarity_threshold=0.29")
 
 

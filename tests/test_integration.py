@@ -89,6 +89,7 @@ def test_sweep_shares_cache_and_groups_wandb_runs(shared_cache, tmp_path):
         assert s1["stages"][stage]["status"] == "cached", stage
     assert s0["stages"]["train_stage1"]["status"] == s1["stages"]["train_stage1"]["status"] == "computed"
     assert s0["stages"]["train_stage1"]["key"] != s1["stages"]["train_stage1"]["key"]
+    assert all((j / "similarity_hist.png").is_file() for j in jobs)  # job 1 reused align: its plot is copied too
     runs = [r for j in jobs for r in (j / "wandb").glob("offline-run-*")]
     assert len(runs) == 2
     for r in runs:

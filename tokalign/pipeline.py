@@ -168,6 +168,8 @@ def run_pipeline(cfg: Config, run_dir: Path, tracker: Any = None, stages: Option
                         metrics = cache.read_manifest(final).get("metrics", {})
                         record["status"] = "cached"
                         log.info("[%s] cached: %s", stage.name, final)
+                        for png in sorted(final.glob("*.png")):  # its plots, as the stage copies them when computed
+                            shutil.copy2(png, run_dir / png.name)
                     else:
                         partial = final.with_name(key + ".partial")
                         if final.exists():
