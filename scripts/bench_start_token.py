@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from tokalign import metrics as M  # noqa: E402
 from tokalign import refs, stats  # noqa: E402
+from tokalign.artifacts import head_bytes  # noqa: E402
 from tokalign.__main__ import apply_hardware  # noqa: E402
 from tokalign.cli import compose_cli  # noqa: E402
 from tokalign.artifacts import read_texts  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {k: Path(v["path"]) for k, v in run_pipeline(cfg, Path(tmp), stages=upto)["stages"].items()
                  if "path" in v}
-    texts = [M.head_bytes(t, cfg.eval.max_doc_bytes) if cfg.eval.max_doc_bytes else t
+    texts = [head_bytes(t, cfg.eval.max_doc_bytes) if cfg.eval.max_doc_bytes else t
              for t in read_texts(paths["corpus"] / "eval.jsonl", cfg.eval.max_eval_samples)]
     kw = dict(seq_len=cfg.eval.seq_len, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size)
     src_model = refs.load_model(str(paths["source"] / "model"))

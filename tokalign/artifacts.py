@@ -363,11 +363,17 @@ def head_bytes(text: str, max_bytes: int) -> str:
     return cut[:space] if space > 0 else cut
 
 
+def scored_texts(path: Path, max_docs: int, max_doc_bytes: int = 0, required: bool = True) -> list[str]:
+    """The first ``max_docs`` texts of a corpus-stage JSONL, each cut to its first ``max_doc_bytes`` bytes at a space
+    (0 = whole): the documents a model is scored on (evaluation, the recovery curve, the export's checks)."""
+    texts = read_texts(path, max_docs, required=required)
+    return [head_bytes(t, max_doc_bytes) for t in texts] if max_doc_bytes else texts
+
+
 def curve_texts(corpus_dir: Path, max_eval_samples: int, max_doc_bytes: int = 0) -> list[str]:
     """The dev documents of the in-training recovery curve (stage training scores its model on them every
     ``train.eval_steps``; ``evaluate_source`` scores the source on the same ones, the curve's target line): the first
     ``min(eval.max_eval_samples, CURVE_DOCS_CAP)`` of ``dev.jsonl``, cut like the evaluation's documents
     (``eval.max_doc_bytes``), never evaluation documents; none without a dev split."""
     n = max_eval_samples if max_eval_samples > 0 else CURVE_DOCS_CAP
-    texts = read_texts(Path(corpus_dir) / "dev.jsonl", min(n, CURVE_DOCS_CAP), required=False)
-    return [head_bytes(t, max_doc_bytes) for t in texts] if max_doc_bytes else texts
+    return scored_texts(Path(corpus_dir) / "dev.jsonl", min(n, CURVE_DOCS_CAP), max_doc_bytes, required=False)

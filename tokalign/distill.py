@@ -24,37 +24,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 def token_bytes(tokenizer: Any) -> list[bytes]:
-    """The bytes each token id stands for (special tokens: ``b""``, they split the text): byte-level BPE through
-    GPT-2's alphabet, SentencePiece pieces with ``▁`` as a space and ``<0xNN>`` byte pieces."""
-    n = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    """The bytes each token id stands for (special tokens: ``b""``, they split the text), through the alignment's
+    canonical token forms (``alignment.normalize_token`` in the tokenizer's ``detect_style``: GPT-2's byte alphabet,
+    SentencePiece's ``▁`` and ``<0xNN>`` pieces)."""
+    from tokalign import alignment as A
+
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
-    dec = _byte_decoder()
-    out: list[bytes] = []
-    for i, p in enumerate(pieces):
-        if i in special or p is None:
-            out.append(b"")
-        elif byte_level:
-            out.append(bytes(dec[c] for c in p) if all(c in dec for c in p) else p.encode("utf-8"))
-        elif len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
-            out.append(bytes([int(p[3:5], 16)]))
-        else:
-            out.append(p.replace("\u2581", " ").encode("utf-8"))
-    return out
+    style = A.detect_style(tokenizer)
+    return [b"" if i in special or p is None else A.canon_bytes(A.normalize_token(p, style))
+            for i, p in enumerate(pieces)]
 
 
 def _valid_utf8(raw: bytes) -> tuple[int, int]:
@@ -123,7 +103,6 @@ def align_chunks(ids: Sequence[int], tb: list[bytes], teacher_tok: Any) -> Chunk
             cum.append(cum[-1] + len(ch.encode("utf-8")))
         t_ids.append(list(enc["input_ids"]))
         t_spans += [(off + a + cum[s], off + a + cum[e]) for s, e in enc["offset_mapping"]]
-    t_start = {s for s, _ in t_spans}
     shared = sorted(set(ends_s) & {e for _, e in t_spans})
     # a chunk: tokens of both sides between two consecutive shared boundaries, the lower one a teacher start too
     chunks_s: dict[int, list[int]] = {}
@@ -138,12 +117,10 @@ def align_chunks(ids: Sequence[int], tb: list[bytes], teacher_tok: Any) -> Chunk
             chunks_t.setdefault(k, []).append(j)
     keep = []
     for k in sorted(set(chunks_s) & set(chunks_t)):
-        lo = shared[k - 1] if k > 0 else None
         s_tok, t_tok = chunks_s[k], chunks_t[k]
         s_lo = ends_s[s_tok[0]] - len(tb[ids[s_tok[0]]])
-        t_lo = t_spans[t_tok[0]][0]
-        if s_tok[0] == 0 or s_lo != t_lo or t_lo not in t_start or (lo is not None and lo != s_lo):
-            continue  # no student context, or the two sides do not cover the same bytes
+        if s_tok[0] == 0 or s_lo != t_spans[t_tok[0]][0]:
+            continue  # no student context, or the teacher did not read the chunk's first bytes
         keep.append(k)
     return Chunks([chunks_s[k] for k in keep], [chunks_t[k] for k in keep], t_ids)
 
@@ -197,7 +174,7 @@ class Distiller:
     tb: list[bytes]  # token_bytes(student tokenizer)
     start_id: Optional[int]  # the source's document separator, the teacher's context before every segment
     weight: float = 1.0
-    last: dict = None  # the last batch's {"lm_loss", "distill_loss", "chunks"}
+    last: Optional[dict] = None  # the last batch's {"lm_loss", "distill_loss", "chunks"}
 
     def loss(self, outputs: Any, input_ids: torch.Tensor) -> torch.Tensor:
         chunks = [align_chunks(row.tolist(), self.tb, self.teacher_tok) for row in input_ids]

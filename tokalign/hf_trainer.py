@@ -122,21 +122,19 @@ class StageCallback(TrainerCallback):
         if self.eval_fn is None or state.global_step == self.last_eval_step:
             return
         t0 = time.time()
-        res = self.eval_fn(model)  # {"bpb", "ci95"} (a bare float is taken too)
+        res = self.eval_fn(model)  # {"bpb", "ci95"}
         dt = time.time() - t0
         self.eval_seconds += dt
         self._eval_since_last += dt
         self.last_eval_step = state.global_step
         if res is None:
             return
-        bpb, ci = (res["bpb"], res.get("ci95")) if isinstance(res, dict) else (float(res), None)
+        bpb, ci = res["bpb"], res["ci95"]
         self.last_bpb = bpb
         state.log_history.append({"step": state.global_step, "eval_bpb": bpb, "eval_bpb_ci95": ci})
         if state.is_world_process_zero:
-            rec = {f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb}
-            if ci is not None:
-                rec.update({f"{self.ns}/eval_bpb_ci95_low": ci[0], f"{self.ns}/eval_bpb_ci95_high": ci[1]})
-            self.tracker.log(rec)
+            self.tracker.log({f"{self.ns}/step": state.global_step, f"{self.ns}/eval_bpb": bpb,
+                              f"{self.ns}/eval_bpb_ci95_low": ci[0], f"{self.ns}/eval_bpb_ci95_high": ci[1]})
         log.info("[%s] step %d: eval bits per byte %.4f (%.1fs)", self.ns, state.global_step, bpb, dt)
 
     def on_step_end(self, args, state, control, model=None, **kw):

@@ -42,7 +42,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from tokalign.artifacts import head_bytes  # noqa: F401  (re-exported: M.head_bytes)
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)

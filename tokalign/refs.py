@@ -49,19 +49,20 @@ def _check_local(ref: str) -> Path:
     return p
 
 
-def _gguf_field(path: Path, key: str) -> Any:
-    """A scalar metadata value of a GGUF file (a string decoded), or None."""
+def _gguf_fields(path: Path, *keys: str) -> list[Any]:
+    """Scalar metadata values of a GGUF file, one reader for all (a string decoded; None where a key is absent)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).fields.get(key)
-    if field is None:
-        return None
-    v = field.parts[field.data[0]]
-    return bytes(v).decode() if field.types and field.types[0].name == "STRING" else v[0].item()
+    fields, out = GGUFReader(str(path)).fields, []
+    for key in keys:
+        f = fields.get(key)
+        v = f.parts[f.data[0]] if f is not None else None
+        out.append(None if f is None else bytes(v).decode() if f.types and f.types[0].name == "STRING" else v[0].item())
+    return out
 
 
 def _gguf_arch(path: Path) -> str:
-    return _gguf_field(path, "general.architecture") or ""
+    return _gguf_fields(path, "general.architecture")[0] or ""
 
 
 def _sentencepiece_prefix(tok: Any, path: Path) -> Any:
@@ -71,7 +72,8 @@ def _sentencepiece_prefix(tok: Any, path: Path) -> Any:
     tokenizer tests (the ``.out`` files beside the vocab GGUFs) and the original tokenizer.json files agree with this."""
     from tokenizers import normalizers
 
-    if _gguf_field(path, "tokenizer.ggml.model") != "llama" or _gguf_field(path, "tokenizer.ggml.add_space_prefix") is False:
+    model, space_prefix = _gguf_fields(path, "tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix")
+    if model != "llama" or space_prefix is False:
         return tok
     backend = tok.backend_tokenizer
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

@@ -41,7 +41,7 @@ import torch
 from tokalign import metrics as M
 from tokalign import refs, stats
 from tokalign import recovery as R
-from tokalign.artifacts import ArtifactError, curve_texts, read_texts
+from tokalign.artifacts import ArtifactError, curve_texts, scored_texts
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.errors import TokalignError
@@ -72,10 +72,10 @@ def eval_texts(cfg: Any, ctx: Any) -> list[str]:
     ``dev.jsonl`` with ``eval.split=dev``, when choosing settings), each cut to its first ``eval.max_doc_bytes``
     bytes (at a space) when that is set."""
     try:
-        texts = read_texts(ctx.path("corpus") / f"{cfg.eval.split}.jsonl", cfg.eval.max_eval_samples)
+        return scored_texts(ctx.path("corpus") / f"{cfg.eval.split}.jsonl", cfg.eval.max_eval_samples,
+                            cfg.eval.max_doc_bytes)
     except ArtifactError as e:
         raise EvalInputError(str(e)) from e
-    return [M.head_bytes(t, cfg.eval.max_doc_bytes) for t in texts] if cfg.eval.max_doc_bytes else texts
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from tokalign import llamacpp, refs, stats
 from tokalign import metrics as M
-from tokalign.artifacts import ArtifactError, read_texts, write_json
+from tokalign.artifacts import ArtifactError, scored_texts, write_json
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.llamacpp import ExportError
@@ -99,10 +99,9 @@ def _map_id(i: Any, src_tok: Any, tgt_tok: Any, mapping: dict[str, str]) -> Opti
     return tgt_tok.convert_tokens_to_ids(mapping[s]) if s in mapping else None
 
 
-def stop_ids(src_model: Any, src_tok: Any, tgt_tok: Any, mapping: dict[str, str]) -> list[int]:
+def stop_ids(gen: Any, src_tok: Any, tgt_tok: Any, mapping: dict[str, str]) -> list[int]:
     """The target ids of the source's stop tokens (its generation config's eos ids), then the target's own eos."""
-    gen = getattr(src_model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = getattr(gen, "eos_token_id", None)
     eos = eos if isinstance(eos, list) else [eos if eos is not None else src_tok.eos_token_id]
     ids = [_map_id(e, src_tok, tgt_tok, mapping) for e in eos] + [tgt_tok.eos_token_id]
     return list(dict.fromkeys(i for i in ids if i is not None))
@@ -122,11 +121,13 @@ def carry_chat(model: Any, tok: Any, src_dir: Path) -> dict:
             info["template_unmapped"] = used
     else:
         info["chat_template"] = "target" if getattr(tok, "chat_template", None) else None
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, GenerationConfig
 
-    src_model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype="float32")  # only its generation config
-    stops = stop_ids(src_model, src_tok, tok, mapping)
-    del src_model
+    try:
+        src_gen = GenerationConfig.from_pretrained(str(src_dir))
+    except OSError:  # no generation_config.json: the one transformers derives from config.json
+        src_gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(src_dir)))
+    stops = stop_ids(src_gen, src_tok, tok, mapping)
     gen = model.generation_config
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
@@ -189,10 +190,9 @@ def check_strings(cfg: Config) -> tuple[list[str], Optional[str]]:
 
 def heldout_texts(cfg: Config, ctx: Context) -> list[str]:
     try:
-        texts = read_texts(ctx.path("corpus") / "eval.jsonl", cfg.export.eval_samples)
+        return scored_texts(ctx.path("corpus") / "eval.jsonl", cfg.export.eval_samples, cfg.eval.max_doc_bytes)
     except ArtifactError as e:
         raise ExportError(str(e)) from e
-    return [M.head_bytes(t, cfg.eval.max_doc_bytes) for t in texts] if cfg.eval.max_doc_bytes else texts
 
 
 def check_tokenization(path: Path, tok: Any, strings: list[str], hf: Path) -> int:
