@@ -103,8 +103,7 @@ def test_sentencepiece_vocab_from_gguf_splits_as_llama_cpp_expects(assets):
 def test_lora_merge_equals_the_unmerged_model(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from tokalign.config import Config
-    from tokalign.stages.export import load_merged
+    from tokalign.refs import RefError, load_merged
 
     base = tiny_llama(vocab=64)
     base.save_pretrained(tmp_path / "base")
@@ -118,19 +117,18 @@ def test_lora_merge_equals_the_unmerged_model(tmp_path):
     with torch.no_grad():
         unmerged = PeftModel.from_pretrained(tiny_llama(vocab=64), tmp_path / "adapter").eval()(x).logits
         plain = base(x).logits
-    cfg = Config(source_model="x", target_tokenizer="x", corpus="x")
-    merged, _ = load_merged(tmp_path / "base", cfg, str(tmp_path / "adapter"))
+    merged, _ = load_merged(tmp_path / "base", [str(tmp_path / "adapter")], what="export.adapter")
     with torch.no_grad():
         got = merged.eval()(x).logits
     assert not torch.allclose(plain, unmerged, atol=1e-3)  # the adapter matters
     assert torch.allclose(got, unmerged, atol=1e-5)
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    with pytest.raises(ExportError, match="export.adapter="):
-        load_merged(tmp_path / "base", cfg, str(tmp_path / "base"))
+    with pytest.raises(RefError, match="export.adapter="):
+        load_merged(tmp_path / "base", [str(tmp_path / "base")], what="export.adapter")
 
 
 def test_chat_template_specials_map_by_string_then_role(assets):
-    from tokalign.stages.export import map_template, special_map
+    from tokalign.chat import map_template, special_map
 
     src = refs.load_tokenizer(str(assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     qwen = refs.load_tokenizer(str(assets / "tokenizers" / VOCABS["qwen2"]))

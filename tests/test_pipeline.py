@@ -138,7 +138,7 @@ def test_every_stage_key_is_a_config_key():
     """A misspelt key would silently drop out of the cache hash (OmegaConf.select gives None for it)."""
     import dataclasses
 
-    from tokalign.config import EmbedConfig
+    from tokalign.config import EmbedConfig, TrainConfig
 
     def exists(cls, dotted):
         head, _, rest = dotted.partition(".")
@@ -150,7 +150,9 @@ def test_every_stage_key_is_a_config_key():
         sub = fields[head].default_factory() if fields[head].default_factory is not dataclasses.MISSING else None
         return dataclasses.is_dataclass(sub) and exists(type(sub), rest)
 
-    cfg = Config(source_model="s", target_tokenizer="t", corpus="c", embed=EmbedConfig(max_tokens=1))
+    cfg = Config(source_model="s", target_tokenizer="t", corpus="c", embed=EmbedConfig(max_tokens=1),
+                 train=TrainConfig(eval_steps=1))  # every keys_if branch taken
+    assert all(st.keys_if(cfg) or st.name not in ("embed", "train_stage1", "train_stage2") for st in STAGES)
     for st in STAGES:
         for k in st.keys + st.keys_if(cfg):
             assert exists(Config, k), f"stage {st.name}: key {k!r} is not a Config field"

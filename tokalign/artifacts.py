@@ -190,6 +190,59 @@ def _records_hub(ref: str, field: str, counts: BadRecords) -> Iterator[tuple[str
             counts.bad(ref, f"{ref}: record {i} has no string '{field}' field")
 
 
+ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def iter_rows(path: Path, counts: BadRecords) -> Iterator[tuple[str, dict]]:
+    """(place, record) for every record of a ``.jsonl``/``.json`` (a list, or an id -> record object)/``.csv``/
+    ``.parquet`` file of records (instruction data); a line that is not UTF-8 or JSON, or a record that is not an
+    object, is a bad record (counted, with its place)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file (expected a data file {ROW_SUFFIXES})")
+    if suffix == ".jsonl":
+        lines, _ = _lines(path, counts)
+        for i, line in lines:
+            if line.strip():
+                try:
+                    yield from _object(f"{path}:{i + 1}", json.loads(line), counts, path)
+                except json.JSONDecodeError:
+                    counts.bad(path, f"{path}:{i + 1}: not valid JSON")
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(read_utf8(path))
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); expected a list of records") from e
+        rows = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
+        if rows is None:
+            raise CorpusError(f"{path}: expected a JSON list of records or an id -> record object")
+        for key, rec in rows:
+            yield from _object(f"{path}:{key}", rec, counts, path, default_id=str(key))
+    elif suffix == ".csv":
+        for i, row in enumerate(csv.DictReader(read_utf8(path).splitlines())):
+            yield f"{path}:{i + 2}", dict(row)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise CorpusError(f"{path}: not a readable parquet file ({e})") from e
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}:row {i}", row
+    else:
+        raise CorpusError(f"{path}: unsupported data file type '{suffix}' (expected one of {ROW_SUFFIXES})")
+
+
+def _object(where: str, rec: Any, counts: BadRecords, path: Path, default_id: Optional[str] = None):
+    if isinstance(rec, dict):
+        yield where, ({"id": default_id, **rec} if default_id is not None and "id" not in rec else rec)
+    else:
+        counts.bad(path, f"{where}: not a JSON object")
+
+
 def iter_records(ref: str, field: str = "text", counts: Optional[BadRecords] = None) -> Iterator[tuple[str, str]]:
     """(id, text) pairs from a file, a folder of files, or a hub dataset id."""
     counts = counts if counts is not None else BadRecords()
@@ -227,11 +280,18 @@ def write_jsonl(path: Path, recs: Iterable[dict]) -> None:
 
 
 def write_json(path: Path | str, obj: Any) -> Path:
-    """``obj`` as indented JSON at ``path``, its folder created (benchmark and script results)."""
+    """``obj`` as indented JSON at ``path``, its folder created; written whole or not at all (a report whose presence
+    marks finished work)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
     return path
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -246,6 +306,11 @@ def _hash_meta(corpus_dir: Path) -> dict:
     if not p.is_file():
         raise ArtifactError(f"{p}: no such file (written by stage 'corpus': the hashes of evaluation texts)")
     return json.loads(p.read_text())
+
+
+def eval_hashes(corpus_dir: Path) -> set[str]:
+    """Hashes (``text_hash``) of every evaluation text: what nothing that learns may train on."""
+    return set(_hash_meta(corpus_dir).get("hashes", []))
 
 
 def training_docs(corpus_dir: Path) -> list[dict]:
@@ -377,3 +442,16 @@ def curve_texts(corpus_dir: Path, max_eval_samples: int, max_doc_bytes: int = 0)
     (``eval.max_doc_bytes``), never evaluation documents; none without a dev split."""
     n = max_eval_samples if max_eval_samples > 0 else CURVE_DOCS_CAP
     return scored_texts(Path(corpus_dir) / "dev.jsonl", min(n, CURVE_DOCS_CAP), max_doc_bytes, required=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the run's final model (the training stages' or the initialisation's output)
+
+def final_model(ctx: Any) -> tuple[str, Path]:
+    """(name, folder) of the run's final model: stage 2, else stage 1, else the initialisation (the stage asking
+    declares ``init``, ``train_stage1`` and ``train_stage2`` as inputs). Stage 2 with LoRA saves an adapter folder
+    whose base is stage 1's model (``refs.load_merged`` merges it)."""
+    for n in ("stage2", "stage1"):
+        if ctx.has(f"train_{n}"):
+            return n, ctx.path(f"train_{n}") / "model"
+    return "init", ctx.path("init") / "model"

@@ -275,12 +275,96 @@ class ExportConfig:
     converter: Optional[str] = None  # llama.cpp's convert_hf_to_gguf.py (None = $TOKALIGN_LLAMA_CPP/, else ~/.cache/tokalign/llama.cpp/, where scripts/install_llama_cpp.sh puts it)
     eval_samples: int = 40  # held-out documents (cut like the evaluation's, eval.max_doc_bytes) scored by each GGUF and by the Hugging Face export
     test_strings: Optional[str] = None  # llama.cpp tokenizer test strings (.inp) checked on every GGUF (None = the .inp beside a .gguf target_tokenizer, when there is one)
-    adapter: Optional[str] = None  # a PEFT adapter folder merged into the final model before export (None = the run's final model as it is)
+    adapter: Optional[str] = None  # merged into the final model before export: a PEFT adapter folder, or a domain name of adapters.domains (its adapter of this run); None = the final model as it is
 
     def __post_init__(self) -> None:
         _check(self.eval_samples >= 1, "export.eval_samples", ">= 1", self.eval_samples)
         _check(len(set(self.gguf_types)) == len(self.gguf_types), "export.gguf_types", "no repeated type",
                list(self.gguf_types))
+
+
+DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a domain is a folder name: adapters/<domain>/
+
+
+@dataclass
+class InstructSourceConfig:
+    """One file of instruction data for the domain adapters (``tokalign/instruct.py``)."""
+
+    path: str = MISSING  # .jsonl/.json/.csv/.parquet of records, or (kind=pubmedqa) PubMedQA's ori_pqal.json
+    kind: str = "records"  # records: Alpaca-style fields below; pubmedqa: QUESTION + CONTEXTS -> decision + LONG_ANSWER
+    instruction_field: str = "instruction"  # records: the task or question
+    input_field: str = "input"  # records: the material it is about (may be empty or absent)
+    output_field: str = "output"  # records: the wanted response
+    tags_field: Optional[str] = None  # records: a string or list of subject tags the domains' `match` filters on (pubmedqa: MESHES)
+    decision_field: Optional[str] = None  # records: a class label (e.g. yes/no/maybe) the output starts with; scored as decision accuracy and macro-F1 (pubmedqa: final_decision)
+    id_field: Optional[str] = None  # records: a stable record id for the split (None = a hash of the record's text)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("records", "pubmedqa"), "adapters.sources.<name>.kind", "records or pubmedqa", self.kind)
+
+
+@dataclass
+class DomainConfig:
+    """A domain: which sources feed it and which of their records belong to it."""
+
+    sources: list[str] = field(default_factory=list)  # source names (empty = every source)
+    match: list[str] = field(default_factory=list)  # case-insensitive substrings of a record's tags, any of which puts it in the domain (empty = every record: a general domain)
+
+
+@dataclass
+class AdaptersConfig:
+    """Stages ``instruct`` and ``adapters``: one LoRA (CPU) or QLoRA (CUDA) adapter per domain on the run's final
+    model, trained on validated instruction data split by stable hash (``tokalign/instruct.py``,
+    ``tokalign/adapters.py``)."""
+
+    enabled: bool = False  # run the two stages (python -m tokalign experiment=domain_adapters)
+    sources: dict[str, InstructSourceConfig] = field(default_factory=dict)  # name -> instruction data file
+    domains: dict[str, DomainConfig] = field(default_factory=dict)  # name (a folder name) -> its sources and filter
+    max_records_per_source: int = 0  # keep at most this many records of each source, lowest stable hash first (0 = all)
+    max_records_per_domain: int = 0  # the same cap per domain (0 = all)
+    min_words: int = 10  # a record with fewer words (instruction + input + output) is dropped and counted
+    max_words: int = 2048  # a record with more words is dropped and counted
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test shares by stable hash of the record id
+    split_seed: int = 42  # the split's hash seed (research notes' value)
+    method: str = "auto"  # lora (any device), qlora (4-bit NF4 base through bitsandbytes, CUDA only), auto (qlora when hardware.device=cuda, else lora)
+    lora_r: int = 8  # adapter rank
+    lora_alpha: int = 16  # adapter scaling
+    lora_dropout: float = 0.05  # adapter dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # modules that get adapters
+    lr: float = 2e-4  # peak learning rate (linear decay, no warm-up); the usual LoRA value, not tuned
+    epochs: float = 1.0  # passes over each domain's train split (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps per adapter (0 = `epochs` passes)
+    micro_batch_size: int = 1  # records per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_seq_len: int = 512  # prompt + response tokens; a longer record loses the end of its input, never its response
+    gen_samples: int = 16  # test records of each domain whose greedy generation is scored (ROUGE-L, BLEU)
+    max_new_tokens: int = 64  # generated tokens per scored record
+
+    def __post_init__(self) -> None:
+        import re
+
+        for name in self.domains:
+            _check(bool(re.match(DOMAIN_NAME, str(name))), f"adapters.domains.{name}", "a folder name (letters, digits, _ . -)", name)
+        for name, d in self.domains.items():
+            unknown = [s for s in d.sources if s not in self.sources]
+            _check(not unknown, f"adapters.domains.{name}.sources", f"names of adapters.sources ({sorted(self.sources)})", unknown)
+        _check(not self.enabled or bool(self.domains), "adapters.domains", "at least one domain when adapters.enabled=true", {})
+        _check(not self.enabled or bool(self.sources), "adapters.sources", "at least one source when adapters.enabled=true", {})
+        _check(len(self.split) == 3 and all(x >= 0 for x in self.split) and abs(sum(self.split) - 1) < 1e-6
+               and self.split[0] > 0 and self.split[2] > 0, "adapters.split", "three shares (train, validation, test) summing to 1, train and test > 0", list(self.split))
+        _check(self.method in ("auto", "lora", "qlora"), "adapters.method", "auto, lora or qlora", self.method)
+        _check(0 < self.min_words <= self.max_words, "adapters.min_words", f"in (0, adapters.max_words={self.max_words}]", self.min_words)
+        _check(self.max_records_per_source >= 0, "adapters.max_records_per_source", ">= 0", self.max_records_per_source)
+        _check(self.max_records_per_domain >= 0, "adapters.max_records_per_domain", ">= 0", self.max_records_per_domain)
+        _check(self.lora_r >= 1, "adapters.lora_r", ">= 1", self.lora_r)
+        _check(self.lr > 0, "adapters.lr", "> 0", self.lr)
+        _check(self.epochs > 0 or self.max_steps > 0, "adapters.epochs", "> 0 (or adapters.max_steps > 0)", self.epochs)
+        _check(self.max_seq_len >= 32, "adapters.max_seq_len", ">= 32", self.max_seq_len)
+        _check(self.gen_samples >= 0, "adapters.gen_samples", ">= 0", self.gen_samples)
+
+    def resolved_method(self, device: str) -> str:
+        """lora or qlora: ``auto`` is qlora on a CUDA hardware profile, lora elsewhere."""
+        return ("qlora" if device == "cuda" else "lora") if self.method == "auto" else self.method
 
 
 @dataclass
@@ -330,6 +414,7 @@ class Config:
     terms: TermsConfig = field(default_factory=TermsConfig)  # domain-term mining
     preflight: PreflightConfig = field(default_factory=PreflightConfig)  # start-up checks
     export: ExportConfig = field(default_factory=ExportConfig)  # Hugging Face and GGUF export
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)  # domain adapters on the final model
 
     def __post_init__(self) -> None:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)

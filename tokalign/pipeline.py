@@ -32,7 +32,8 @@ from tokalign.context import Context
 from tokalign.distributed import launched
 from tokalign.modelfacts import free_memory
 from tokalign.config import Config
-from tokalign.stages import align, corpus, embed, evaluate, export, init, preflight, source, terms, tokenize, train
+from tokalign.stages import (adapters, align, corpus, embed, evaluate, export, init, instruct, preflight, source, terms,
+                             tokenize, train)
 from tokalign.tracking import NullTracker
 
 log = logging.getLogger("tokalign")
@@ -60,7 +61,8 @@ def _curve_keys(cfg: Config) -> tuple[str, ...]:
 
 # name            run                     reads                               config keys (the cache key)
 STAGES: list[Stage] = [
-    Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir", "export"), cached=False),
+    Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir", "export",
+                                                "adapters"), cached=False),
     Stage("corpus", corpus.run, (), ("corpus", "eval_corpus", "corpus_text_field", "corpus_bytes", "holdout_ids",
                                      "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
                                      "eval.pubmedqa_test_ids")),  # not corpus_max_bad_share: it only decides failure
@@ -85,7 +87,14 @@ STAGES: list[Stage] = [
     Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "evaluate_source", "evaluate_init",
                                            "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),
           cached=False),
-    Stage("export", export.run_hf, ("source", "init", "train_stage1", "train_stage2"), ("export.adapter",),
+    Stage("instruct", instruct.run, ("corpus",), ("adapters.sources", "adapters.domains", "adapters.min_words",
+                                                "adapters.max_words", "adapters.max_records_per_source",
+                                                "adapters.max_records_per_domain", "adapters.split", "adapters.split_seed"),
+          when=lambda cfg: cfg.adapters.enabled),
+    Stage("adapters", adapters.run, ("instruct", "source", "init", "train_stage1", "train_stage2"),
+          ("adapters", "hardware.device", "hardware.dtype", "seed", "allow_pickle", "trust_remote_code"),
+          resumable=True, when=lambda cfg: cfg.adapters.enabled),
+    Stage("export", export.run_hf, ("source", "init", "train_stage1", "train_stage2", "adapters"), ("export.adapter",),
           when=lambda cfg: cfg.export.enabled),
     Stage("export_gguf", export.run_gguf, ("corpus", "export"), ("export", "target_tokenizer", "eval.max_doc_bytes",
                                                                  "eval.seq_len", "eval.stride", "seed"),

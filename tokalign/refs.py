@@ -8,10 +8,11 @@ and merges with the ``tokenizers`` library). Weights load from safetensors only 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,26 @@ def load_model(ref: str, *, dtype: str = "float32", allow_pickle: bool = False, 
         first = str(e).splitlines()[0] if str(e) else ""
         raise RefError(f"model '{ref}' failed to load: {type(e).__name__}: {first}") from e
     return model.to(device)
+
+
+def load_merged(model_dir: Path, adapters: Sequence[str] = (), *, what: str = "adapter", dtype: str = "float32",
+                allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[Any, Path]:
+    """The model in ``model_dir`` with PEFT adapters merged in by peft's ``merge_and_unload``, and the folder whose
+    tokenizer goes with it. ``model_dir`` may itself be an adapter folder (``adapter_config.json``: a stage-2 LoRA
+    run): its base (``base_model_name_or_path``) is loaded and it is merged first, then each of ``adapters`` in
+    order. ``what`` names the setting an adapter came from in the error for a folder that is not an adapter."""
+    from peft import PeftModel
+
+    model_dir, chain = Path(model_dir), [str(a) for a in adapters]
+    if (model_dir / "adapter_config.json").is_file():
+        chain.insert(0, str(model_dir))
+        model_dir = Path(json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    model = load_model(str(model_dir), dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    for a in chain:
+        if not (Path(a) / "adapter_config.json").is_file():
+            raise RefError(f"{what}={a}: not a PEFT adapter folder (expected adapter_config.json in it)")
+        model = PeftModel.from_pretrained(model, a).merge_and_unload()
+    return model, model_dir
 
 
 def _usable_attn(name: str) -> str:

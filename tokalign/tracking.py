@@ -43,6 +43,7 @@ class NullTracker:
     """Accepts every call and records nothing (``wandb.mode=disabled``)."""
 
     run = None
+    group: Optional[str] = None  # the W&B group of the run (runs beside it join it)
 
     def log(self, metrics: dict, step: Optional[int] = None) -> None:
         pass
@@ -73,17 +74,18 @@ class WandbTracker(NullTracker):
     """A real W&B run; offline runs are uploaded later with ``wandb sync <run dir>/wandb/offline-run-*``."""
 
     def __init__(self, *, mode: str, project: str, entity: Optional[str], group: Optional[str], job_type: str,
-                 name: Optional[str], tags: list[str], config: dict, run_dir: Path) -> None:
+                 name: Optional[str], tags: list[str], config: dict, run_dir: Path, beside: bool = False) -> None:
         import wandb
 
         self._wandb = wandb
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             mode=mode, project=project, entity=entity, group=group, job_type=job_type, name=name,
-            tags=tags or None, config=scrub(config), dir=str(run_dir), reinit="finish_previous",
+            tags=tags or None, config=scrub(config), dir=str(run_dir), reinit="create_new" if beside else "finish_previous",
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         self._defined: set[str] = set()
+        self.group = group
 
     def define_step(self, namespace: str) -> None:
         if namespace in self._defined:
@@ -136,13 +138,15 @@ class WandbTracker(NullTracker):
 
 
 def make_tracker(wcfg: Any, *, config: dict, run_dir: Path, job_type: str, name: Optional[str],
-                 group: Optional[str]) -> NullTracker:
-    """A ``WandbTracker`` unless ``wandb.mode=disabled`` (or W&B cannot start, which is logged)."""
+                 group: Optional[str], beside: bool = False) -> NullTracker:
+    """A ``WandbTracker`` unless ``wandb.mode=disabled`` (or W&B cannot start, which is logged). ``beside=True``:
+    a second run next to the job's own, which stays open (one run per domain adapter)."""
     if wcfg.mode == "disabled":
         return NullTracker()
     try:
         return WandbTracker(mode=wcfg.mode, project=wcfg.project, entity=wcfg.entity, group=wcfg.group or group,
-                            job_type=job_type, name=name, tags=list(wcfg.tags), config=config, run_dir=run_dir)
+                            job_type=job_type, name=name, tags=list(wcfg.tags), config=config, run_dir=run_dir,
+                            beside=beside)
     except Exception as e:
         log.warning("W&B could not start (%s); continuing without tracking", e)
         return NullTracker()

@@ -23,15 +23,14 @@ Serve: python -m tokalign.serve outputs/<date>/<time>                (llama.cpp'
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from tokalign import llamacpp, refs, stats
+from tokalign.chat import carry_chat
 from tokalign import metrics as M
-from tokalign.artifacts import ArtifactError, scored_texts, write_json
+from tokalign.artifacts import ArtifactError, final_model, scored_texts, write_json
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.llamacpp import ExportError
@@ -39,112 +38,29 @@ from tokalign.modelfacts import free_memory
 
 log = logging.getLogger(__name__)
 
-ROLES = ("bos", "eos", "pad", "unk")
-
-
-def final_model(ctx: Context) -> tuple[str, Path]:
-    """(name, folder) of the run's final model: stage 2, else stage 1, else the initialisation."""
-    for n in ("stage2", "stage1"):
-        if ctx.has(f"train_{n}"):
-            return n, ctx.path(f"train_{n}") / "model"
-    return "init", ctx.path("init") / "model"
-
-
-def load_merged(model_dir: Path, cfg: Config, adapter: Optional[str] = None) -> tuple[Any, Path]:
-    """The model in ``model_dir`` with a PEFT adapter merged in (``adapter``, or ``model_dir`` itself when it is an
-    adapter folder: ``adapter_config.json``, base from its ``base_model_name_or_path``), and the folder whose
-    tokenizer goes with it."""
-    from peft import PeftModel
-
-    if adapter is None and (model_dir / "adapter_config.json").is_file():
-        adapter = str(model_dir)
-        model_dir = Path(json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
-    model = refs.load_model(str(model_dir), dtype="float32", allow_pickle=cfg.allow_pickle,
-                            trust_remote_code=cfg.trust_remote_code)
-    if adapter is None:
-        return model, model_dir
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ExportError(f"export.adapter={adapter}: not a PEFT adapter folder (expected adapter_config.json in it)")
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload(), model_dir
-
-
-def special_map(src_tok: Any, tgt_tok: Any) -> tuple[dict[str, str], list[str]]:
-    """Source special-token string -> target string (same string if the target has it, else the target's token of
-    the same role), and the source specials with neither."""
-    vocab = tgt_tok.get_vocab()
-    role_of: dict[Any, str] = {}
-    for r in ROLES:  # a token with two roles (SmolLM2's <|im_end|>: eos and pad) keeps the first
-        role_of.setdefault(getattr(src_tok, f"{r}_token", None), r)
-    mapping, unmapped = {}, []
-    for s in dict.fromkeys(list(src_tok.all_special_tokens) + [str(t) for t in src_tok.added_tokens_decoder.values()]):
-        if s in vocab:
-            mapping[s] = s
-        elif role_of.get(s) and getattr(tgt_tok, f"{role_of[s]}_token", None):
-            mapping[s] = getattr(tgt_tok, f"{role_of[s]}_token")
-        else:
-            unmapped.append(s)
-    return mapping, unmapped
-
-
-def map_template(template: str, mapping: dict[str, str]) -> str:
-    """``template`` with every mapped special-token string replaced (longest first, one pass)."""
-    keys = sorted((k for k, v in mapping.items() if k != v), key=len, reverse=True)
-    if not keys:
-        return template
-    return re.sub("|".join(map(re.escape, keys)), lambda m: mapping[m.group(0)], template)
-
-
-def _map_id(i: Any, src_tok: Any, tgt_tok: Any, mapping: dict[str, str]) -> Optional[int]:
-    s = src_tok.convert_ids_to_tokens(int(i)) if isinstance(i, int) else None
-    return tgt_tok.convert_tokens_to_ids(mapping[s]) if s in mapping else None
-
-
-def stop_ids(gen: Any, src_tok: Any, tgt_tok: Any, mapping: dict[str, str]) -> list[int]:
-    """The target ids of the source's stop tokens (its generation config's eos ids), then the target's own eos."""
-    eos = getattr(gen, "eos_token_id", None)
-    eos = eos if isinstance(eos, list) else [eos if eos is not None else src_tok.eos_token_id]
-    ids = [_map_id(e, src_tok, tgt_tok, mapping) for e in eos] + [tgt_tok.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def carry_chat(model: Any, tok: Any, src_dir: Path) -> dict:
-    """The source's chat template and stop tokens onto ``model``/``tok`` (mapped to the target vocabulary)."""
-    src_tok = refs.load_tokenizer(str(src_dir))
-    mapping, unmapped = special_map(src_tok, tok)
-    info: dict[str, Any] = {"special_map": {k: v for k, v in mapping.items() if k != v}, "unmapped": unmapped}
-    if getattr(src_tok, "chat_template", None):
-        tok.chat_template = map_template(src_tok.chat_template, mapping)
-        info["chat_template"] = "source"
-        used = [s for s in unmapped if s in src_tok.chat_template]
-        if used:
-            log.warning("export: the chat template uses %s, which the target vocabulary has no token for", used)
-            info["template_unmapped"] = used
-    else:
-        info["chat_template"] = "target" if getattr(tok, "chat_template", None) else None
-    from transformers import AutoConfig, GenerationConfig
-
-    try:
-        src_gen = GenerationConfig.from_pretrained(str(src_dir))
-    except OSError:  # no generation_config.json: the one transformers derives from config.json
-        src_gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(src_dir)))
-    stops = stop_ids(src_gen, src_tok, tok, mapping)
-    gen = model.generation_config
-    gen.eos_token_id = stops[0] if len(stops) == 1 else stops
-    gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
-    info["eos_token_id"] = gen.eos_token_id
-    return info
-
-
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _adapter_dir(cfg: Config, ctx: Context) -> Optional[str]:
+    """``export.adapter``: a domain adapter of this run (``adapters/<domain>/`` of stage ``adapters``), else a folder."""
+    name = cfg.export.adapter
+    if name and name in cfg.adapters.domains:
+        if not ctx.has("adapters"):
+            raise ExportError(f"export.adapter={name}: a domain of adapters.domains, but stage 'adapters' did not run "
+                              "(set adapters.enabled=true)")
+        return str(ctx.path("adapters") / name)
+    return name
 
 
 def run_hf(cfg: Config, ctx: Context, out: Path) -> dict:
     """The final model, merged, with the source's chat template, as a plain Hugging Face folder ``hf/``."""
     name, mdir = final_model(ctx)
-    model, tok_dir = load_merged(mdir, cfg, cfg.export.adapter)
+    adapter = _adapter_dir(cfg, ctx)
+    model, tok_dir = refs.load_merged(mdir, [adapter] if adapter else [], what="export.adapter",
+                                      allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
     tok = refs.load_tokenizer(str(tok_dir), trust_remote_code=cfg.trust_remote_code)
-    info = {"from": name, "model_dir": str(mdir), "adapter": cfg.export.adapter, **carry_chat(model, tok, ctx.path("source") / "model")}
+    info = {"from": name, "model_dir": str(mdir), "adapter": adapter, **carry_chat(model, tok, ctx.path("source") / "model")}
     hf = out / "hf"
     model.save_pretrained(str(hf), safe_serialization=True)
     tok.save_pretrained(str(hf))

@@ -3,7 +3,8 @@
 Records Python, torch and CUDA versions, the GPU and its free memory against
 ``hardware.min_gpu_memory_gb``, free disk at the run and cache directories against
 ``hardware.min_free_disk_gb``, whether fasttext and FlashAttention import, and, when GGUF export is on, that
-llama.cpp's converter and runtime are installed and know every ``export.gguf_types`` (an error either way). With
+llama.cpp's converter and runtime are installed and know every ``export.gguf_types`` (an error either way), and,
+with domain adapters on QLoRA, a CUDA GPU and bitsandbytes (an error either way). With
 ``preflight.strict=true`` a shortfall is an error before any work; otherwise a warning.
 
 Run alone:  python -m tokalign.stages.preflight hardware=h100
@@ -82,9 +83,26 @@ def check_export(cfg: Config) -> dict:
     return {"llama_cpp_converter": str(converter)}
 
 
+def check_adapters(cfg: Config) -> dict:
+    """QLoRA needs a CUDA GPU and bitsandbytes: an error now, not after the pipeline's other stages."""
+    if not cfg.adapters.enabled:
+        return {}
+    import torch
+
+    method = cfg.adapters.resolved_method(cfg.hardware.device)
+    if method == "qlora" and not torch.cuda.is_available():
+        raise PreflightError(f"preflight: adapters.method={cfg.adapters.method} means QLoRA here, which needs a CUDA "
+                             "GPU and torch sees none (set adapters.method=lora)")
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise PreflightError("preflight: QLoRA (adapters.method) needs bitsandbytes: pip install -e '.[gpu]' "
+                             "(or set adapters.method=lora)")
+    return {"adapters_method": method}
+
+
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
     info, problems = check(cfg, ctx.run_dir)
     info.update(check_export(cfg))
+    info.update(check_adapters(cfg))
     info["problems"] = problems
     (out / "preflight.json").write_text(json.dumps(info, indent=1))
     for p in problems:

@@ -14,6 +14,7 @@ from pathlib import Path
 from tokalign import refs
 from tokalign.config import Config
 from tokalign.context import Context
+from tokalign.modelfacts import is_tied
 
 
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
@@ -32,7 +33,7 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
         "ref": cfg.source_model,
         "vocab_size": len(tok),
         "embedding_rows": n_rows,
-        "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "tied": is_tied(model),
         "hidden_size": int(model.get_input_embeddings().weight.shape[1]),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "roles": refs.special_token_roles(tok),
