@@ -264,7 +264,7 @@ def plot_matrix(matrix: dict[str, dict[str, float]], domains: Sequence[str], pat
                         ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(domains)), [f"{d} test" for d in domains], rotation=20)
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_title("response-token test loss (nats): adapter x domain, change vs no adapter")
+    ax.set_title("response-token test loss (nats)\nadapter x domain test split, change vs no adapter", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

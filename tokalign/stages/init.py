@@ -142,7 +142,7 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
             rows[shrink] *= scale[shrink, None].astype(np.float32)
             info["scaled_rows"] = int(shrink.sum())
         return rows, info
-    raise AssertionError(f"init method {method!r} passed Config validation but has no rule")
+    raise InitInputError(f"config key 'init_methods': unknown method {method!r}")  # a direct caller's typo
 
 
 def sparse_rows(method: str, base: np.ndarray, al: dict[str, np.ndarray], fvt: np.ndarray) -> np.ndarray:
