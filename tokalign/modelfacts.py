@@ -8,8 +8,21 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from typing import Any
+
+
+def device_and_precision(hw: Any) -> tuple[bool, bool]:
+    """(train on CUDA, in bfloat16) for a hardware profile: CUDA only when asked for and present (else a warning
+    and the CPU in float32), bfloat16 only on CUDA."""
+    import torch
+
+    want_cuda = hw.device == "cuda"
+    use_cuda = want_cuda and torch.cuda.is_available()
+    if want_cuda and not use_cuda:
+        logging.getLogger("tokalign").warning("hardware.device=cuda but CUDA is not available: training on the CPU in float32")
+    return use_cuda, use_cuda and hw.dtype == "bfloat16"
 
 
 def is_tied(model: Any) -> bool:

@@ -32,7 +32,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from tokalign import adapters as A
 from tokalign import refs, stats
@@ -40,16 +39,12 @@ from tokalign.artifacts import final_model, read_json, read_jsonl, write_json
 from tokalign.chat import carry_chat
 from tokalign.config import Config
 from tokalign.context import Context
-from tokalign.modelfacts import free_memory
+from tokalign.modelfacts import device_and_precision, free_memory
 from tokalign.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-
-
-def _cuda(cfg: Config) -> bool:
-    return cfg.hardware.device == "cuda" and torch.cuda.is_available()
 
 
 def _ppl(loss: float) -> float:
@@ -76,7 +71,7 @@ def setup(cfg: Config, ctx: Context, out: Path) -> tuple[Any, Any, str, dict]:
         free_memory()
         model = None
     model = A.load_base(model, method, base_dir, cfg.hardware.dtype)
-    return (model.to("cuda") if method == "lora" and _cuda(cfg) else model), tok, method, info
+    return (model.to("cuda") if method == "lora" and device_and_precision(cfg.hardware)[0] else model), tok, method, info
 
 
 def load_data(cfg: Config, ctx: Context, tok: Any) -> dict[str, dict[str, Any]]:
@@ -149,10 +144,10 @@ def train_domain(cfg: Config, ctx: Context, out: Path, base: Any, tok: Any, data
                            beside=True)
     tracker.define_step("adapter")
     model = A.with_lora(base, acfg)
-    ok, use_cuda = False, _cuda(cfg)
+    ok, (use_cuda, bf16) = False, device_and_precision(cfg.hardware)
     try:
         trained = A.train(model, tok, data[domain]["encoded"]["train"], acfg, ddir / "_trainer", seed=cfg.seed,
-                          cuda=use_cuda, bf16=use_cuda and cfg.hardware.dtype == "bfloat16",
+                          cuda=use_cuda, bf16=bf16,
                           on_log=lambda r: tracker.log({"adapter/step": r["step"], "adapter/loss": r["loss"],
                                                         "adapter/lr": r["lr"]}))
         shutil.rmtree(ddir / "_trainer", ignore_errors=True)

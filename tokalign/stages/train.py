@@ -51,7 +51,7 @@ from tokalign.data import PackedSequences, pack_blocks
 from tokalign.errors import TokalignError
 from tokalign.metrics import bits_per_byte
 from tokalign.stats import bpb_interval
-from tokalign.modelfacts import is_tied
+from tokalign.modelfacts import device_and_precision, is_tied
 from tokalign.trainer import TrainingDivergedError, checkpoints
 
 __all__ = ["STAGE1", "STAGE2", "TrainInputError", "TrainSpec", "TrainingDivergedError", "checkpoints", "run_stage1",
@@ -159,17 +159,6 @@ def _module_name(model, module) -> str:
         if mod is module:
             return name
     raise RuntimeError("module not found in the model")
-
-
-def _device_and_precision(cfg) -> tuple[bool, bool]:
-    import torch
-
-    want_cuda = cfg.hardware.device == "cuda"
-    use_cuda = want_cuda and torch.cuda.is_available()
-    if want_cuda and not use_cuda:
-        log.warning("hardware.device=cuda but CUDA is not available: training on the CPU in float32")
-    bf16 = use_cuda and cfg.hardware.dtype == "bfloat16"
-    return use_cuda, bf16
 
 
 def _warmup_args(args_cls, ratio: float) -> dict:
@@ -435,7 +424,7 @@ def train_stage(cfg: Config, ctx: Context, out: Path, stage: int, *, callbacks: 
 
     spec, out, t_start = SPECS[stage], Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    use_cuda, bf16 = _device_and_precision(cfg)
+    use_cuda, bf16 = device_and_precision(cfg.hardware)
     transformers.set_seed(cfg.seed)
     inp = _inputs(cfg, ctx, spec)
     use_cache = getattr(inp.model.config, "use_cache", None)  # not every architecture has the flag
