@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
                 ctx.outputs.pop("train_stage1", None)  # each row starts from the same init model
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            m = train.train_stage(cfg, ctx, tmp / st, stage_no, callbacks=[timer])
+            m = train.train_stage(cfg, ctx, tmp / st, train.SPECS[stage_no], callbacks=[timer])
             sps, timed = timer.steps_per_s()
             tps = sps * gb * a.seq_len
             row = {"stage": st, "tokens_per_s": tps, "steps_per_s": sps, "timed_steps": timed,

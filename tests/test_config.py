@@ -94,6 +94,17 @@ def test_cli_unknown_key_and_mode_exit_nonzero(tmp_path):
         assert needle in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args", [["experiment=llama3_targt"], ["-m", "mode=smoke,resarch"]])
+def test_cli_unknown_group_option_is_the_last_line_with_the_options(tmp_path, args):
+    r = subprocess.run([sys.executable, "-m", "tokalign", *args, f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    group = args[-1].split("=")[0]
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2
+    assert last.startswith(f"tokalign: config error: {group}=") and "no such option" in last, r.stderr[-2000:]
+    assert all(o in last for o in _options(group))
+
+
 def test_cli_bad_value_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tokalign", "pivot_count=1", f"hydra.run.dir={tmp_path}"],
                        capture_output=True, text=True, timeout=120)

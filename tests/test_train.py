@@ -193,10 +193,10 @@ def test_same_sequences_for_any_micro_batch_split_and_stage2_continues(tmp_path,
 
 def _run_with_crash(cfg, ctx, out, stage, crash_step, rec):
     with pytest.raises(Crash):
-        train.train_stage(cfg, ctx, out, stage, callbacks=[crash_after(crash_step)])
+        train.train_stage(cfg, ctx, out, train.SPECS[stage], callbacks=[crash_after(crash_step)])
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     rec.seen.clear()
-    return train.train_stage(cfg, ctx, out, stage)
+    return train.train_stage(cfg, ctx, out, train.SPECS[stage])
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -210,7 +210,7 @@ def test_resume_sees_the_same_batches_and_ends_identically(tmp_path, monkeypatch
     start = 6 * gb if stage == 2 else 0  # stage 2 without stage 1 output: steps_stage1 x global batch
 
     straight = tmp_path / "straight"
-    train.train_stage(cfg, ctx, straight, stage)
+    train.train_stage(cfg, ctx, straight, train.SPECS[stage])
     straight_seen = list(rec.seen)
     assert straight_seen == list(range(start, start + 6 * gb))
 
@@ -235,7 +235,7 @@ def test_resume_sees_the_same_batches_and_ends_identically(tmp_path, monkeypatch
 def test_explicit_missing_checkpoint_is_a_clear_error(tmp_path):
     ctx = make_workspace(tmp_path)
     with pytest.raises(train.TrainInputError, match="nope: no such checkpoint"):
-        train.train_stage(make_cfg(), ctx, tmp_path / "s1", 1, resume_from_checkpoint=str(tmp_path / "nope"))
+        train.train_stage(make_cfg(), ctx, tmp_path / "s1", train.STAGE1, resume_from_checkpoint=str(tmp_path / "nope"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path):
     ctx = make_workspace(tmp_path)
     out = tmp_path / "s1"
     with pytest.raises(train.TrainingDivergedError, match=r"train_stage1: .*nan at optimizer step 3 of 4"):
-        train.train_stage(make_cfg(), ctx, out, 1, callbacks=[Poison()])
+        train.train_stage(make_cfg(), ctx, out, train.STAGE1, callbacks=[Poison()])
     ckpts = train.checkpoints(out / "checkpoints")
     assert [c.name for c in ckpts] == ["checkpoint-2"]
     sd = load_sd(ckpts[0])

@@ -137,10 +137,28 @@ def main_task(dcfg: DictConfig) -> Optional[float]:
     return objective(cfg, summary["metrics"])
 
 
+def check_group_choices(argv: list[str]) -> None:
+    """``group=name`` on the command line for a config group of ``conf/`` whose ``name`` has no YAML file:
+    one line naming the group and its options, before Hydra composes anything (Hydra's own message ends in
+    a hint about ``HYDRA_FULL_ERROR``, so the options were not the last thing printed)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        group = Path(CONF_DIR) / key
+        if not sep or arg.startswith("-") or key.startswith("hydra") or not group.is_dir():
+            continue
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        for name in value.split(","):  # a sweep over choices: -m mode=smoke,research
+            if name and name != "null" and name not in options:
+                print(f"tokalign: config error: {key}={name}: no such option in conf/{key}/; "
+                      f"expected one of {', '.join(options)}", file=sys.stderr)
+                raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dcfg: DictConfig) -> Optional[float]:
     return main_task(dcfg)
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
     main()

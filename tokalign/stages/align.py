@@ -473,10 +473,10 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def run(cfg: Config, ctx: Context, out: Path) -> dict:
-    t_start = time.time()
-    tok_dir, emb_dir, src_dir = ctx.path("tokenize"), ctx.path("embed"), ctx.path("source")
-    source_tok = refs.load_tokenizer(str(src_dir / "model"))
+def _tokenizers(ctx: Context) -> tuple[Any, Any]:
+    """The source's and the target's tokenizers, checked against the sizes the corpus was encoded with."""
+    tok_dir = ctx.path("tokenize")
+    source_tok = refs.load_tokenizer(str(ctx.path("source") / "model"))
     target_tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
     info_path = tok_dir / "info.json"
     if info_path.is_file():
@@ -486,10 +486,48 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
             if isinstance(want, int) and want != len(tok):
                 raise AlignInputError(f"{info_path}: key '{side}_vocab' is {want} but the {side} tokenizer has "
                                       f"{len(tok)} tokens (expected the tokenizer the corpus was encoded with)")
-    source = A.vocab_from_tokenizer(source_tok)
-    target = A.vocab_from_tokenizer(target_tok)
+    return source_tok, target_tok
+
+
+def _metrics(stats: dict, v_t: int, seconds: float) -> dict[str, Any]:
+    """``align/…``: each rule's share of target rows, and the search's diagnostics."""
+    metrics: dict[str, Any] = {f"align/{k}_share": stats[f"{k}_count"] / v_t
+                               for k in ("exact", "aligned", "fallback", "special", "sparse")}
+    metrics.update({f"align/{k}": stats[k] for k in ("pivots", "max_hub_size", "target_with_vector", "fvt_empty",
+                                                     "sparse_queries", "sparse_atoms", "above_threshold")})
+    metrics["align/seconds"] = seconds
+    metrics["align/focus_truncated"] = stats.get("focus_truncated", 0)
+    if np.isfinite(stats.get("margin_threshold", np.nan)):
+        metrics["align/margin_threshold"] = stats["margin_threshold"]
+    metrics.update({f"align/{k}": stats[k] for k in ("gold_p1_cos", "gold_p1_csls") if k in stats})
+    for name in ("cos", "csls"):
+        h = stats.get(f"hub_{name}")
+        if h:
+            metrics[f"align/hub_{name}_max"] = h["max_hub_size"]
+            metrics[f"align/hub_{name}_top1pct_share"] = h["top1pct_share"]
+    return metrics
+
+
+def _track(ctx: Context, out: Path, hist: Path, arrays: dict, target: A.Vocab, source: A.Vocab, seed: int) -> None:
+    """The histogram, the artifact and 100 aligned pairs drawn at random to the tracker."""
+    tr = ctx.tracker
+    tr.image("align/similarity_hist", hist)
+    tr.artifact("alignment", "alignment", [out / "alignment.npz", hist, out / "info.json"])
+    shown = np.nonzero(arrays["how"] == HOW_ALIGNED)[0]
+    if len(shown):
+        shown = np.sort(np.random.default_rng(seed).choice(shown, size=min(100, len(shown)), replace=False))
+        rows = [[int(i), A.canon_text(target.canon[i]), int(arrays["src"][i, 0]),
+                 A.canon_text(source.canon[int(arrays["src"][i, 0])]), float(arrays["best_score"][i])] for i in shown]
+        tr.table("align/examples", ["target_id", "target", "source_id", "source", "score"], rows)
+
+
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
+    t_start = time.time()
+    source_tok, target_tok = _tokenizers(ctx)
+    source, target = A.vocab_from_tokenizer(source_tok), A.vocab_from_tokenizer(target_tok)
     log.info("align: source %d tokens (%s), target %d tokens (%s)", len(source), source.style, len(target),
              target.style)
+    emb_dir = ctx.path("embed")
     t_vec = load_vectors(emb_dir / "target.npz", len(target))
     s_vec = load_vectors(emb_dir / "source.npz", len(source))
     if t_vec[1].shape[1] != s_vec[1].shape[1]:
@@ -507,50 +545,14 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(hist, run_dir / "similarity_hist.png")
 
-    v_t = len(target)
     seconds = round(time.time() - t_start, 3)
-    metrics: dict[str, Any] = {
-        "align/exact_share": stats["exact_count"] / v_t,
-        "align/aligned_share": stats["aligned_count"] / v_t,
-        "align/fallback_share": stats["fallback_count"] / v_t,
-        "align/special_share": stats["special_count"] / v_t,
-        "align/pivots": stats["pivots"],
-        "align/seconds": seconds,
-        "align/max_hub_size": stats["max_hub_size"],
-        "align/target_with_vector": stats["target_with_vector"],
-        "align/fvt_empty": stats["fvt_empty"],
-        "align/sparse_share": stats["sparse_count"] / v_t,
-        "align/sparse_queries": stats["sparse_queries"],
-        "align/sparse_atoms": stats["sparse_atoms"],
-        "align/focus_truncated": stats.get("focus_truncated", 0),
-        "align/above_threshold": stats["above_threshold"],
-    }
-    if np.isfinite(stats.get("margin_threshold", np.nan)):
-        metrics["align/margin_threshold"] = stats["margin_threshold"]
-    for key in ("gold_p1_cos", "gold_p1_csls"):
-        if key in stats:
-            metrics[f"align/{key}"] = stats[key]
-    for name in ("cos", "csls"):
-        h = stats.get(f"hub_{name}")
-        if h:
-            metrics[f"align/hub_{name}_max"] = h["max_hub_size"]
-            metrics[f"align/hub_{name}_top1pct_share"] = h["top1pct_share"]
-    summary = {**stats, "seconds": seconds, "threshold": cfg.similarity_threshold, **{f.name: getattr(ac, f.name) for f in dataclasses.fields(AlignmentConfig)},
+    summary = {**stats, "seconds": seconds, "threshold": cfg.similarity_threshold,
+               **{f.name: getattr(ac, f.name) for f in dataclasses.fields(AlignmentConfig)},
                "pivot_count": cfg.pivot_count, "source_style": source.style, "target_style": target.style,
                "sim_hist": {"counts": arrays["hist_counts"].tolist(), "edges": arrays["hist_edges"].tolist()}}
     (out / "info.json").write_text(json.dumps(_finite(summary), indent=1))
-
-    tr = ctx.tracker
-    tr.image("align/similarity_hist", hist)
-    tr.artifact("alignment", "alignment", [out / "alignment.npz", hist, out / "info.json"])
-    rng = np.random.default_rng(cfg.seed)
-    shown = np.nonzero(arrays["how"] == HOW_ALIGNED)[0]
-    if len(shown):
-        shown = np.sort(rng.choice(shown, size=min(100, len(shown)), replace=False))
-        rows = [[int(i), A.canon_text(target.canon[i]), int(arrays["src"][i, 0]),
-                 A.canon_text(source.canon[int(arrays["src"][i, 0])]), float(arrays["best_score"][i])] for i in shown]
-        tr.table("align/examples", ["target_id", "target", "source_id", "source", "score"], rows)
+    _track(ctx, out, hist, arrays, target, source, cfg.seed)
     log.info("align: %d gold, %d aligned, %d FVT, %d special of %d target tokens; %d pivots; %.1fs",
-             stats["exact_count"], stats["aligned_count"], stats["fallback_count"], stats["special_count"], v_t,
-             stats["pivots"], seconds)
-    return metrics
+             stats["exact_count"], stats["aligned_count"], stats["fallback_count"], stats["special_count"],
+             len(target), stats["pivots"], seconds)
+    return _metrics(stats, len(target), seconds)

@@ -409,9 +409,9 @@ def _metrics(spec: TrainSpec, trainer: Any, cb: Any, hist: list[dict], data_stat
 # ----------------------------------------------------------------------------------------------------------------------
 # the stage
 
-def train_stage(cfg: Config, ctx: Context, out: Path, stage: int, *, callbacks: Sequence[Any] = (),
+def train_stage(cfg: Config, ctx: Context, out: Path, spec: TrainSpec, *, callbacks: Sequence[Any] = (),
                 resume_from_checkpoint: Optional[str] = None) -> dict:
-    """Run training stage 1 or 2 (``SPECS[stage]``) into ``out``; returns ``stage<k>/…`` metrics.
+    """Run the training stage ``spec`` (``STAGE1`` or ``STAGE2``) into ``out``; returns ``stage<k>/…`` metrics.
 
     ``callbacks``: extra ``TrainerCallback`` objects (tests use them to interrupt a run).
     ``resume_from_checkpoint``: a checkpoint folder to continue from (an error if it does not exist);
@@ -422,7 +422,7 @@ def train_stage(cfg: Config, ctx: Context, out: Path, stage: int, *, callbacks: 
 
     from tokalign.hf_trainer import OrderedTrainer, StageCallback
 
-    spec, out, t_start = SPECS[stage], Path(out), time.time()
+    out, t_start = Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     use_cuda, bf16 = device_and_precision(cfg.hardware)
     transformers.set_seed(cfg.seed)
@@ -501,9 +501,9 @@ def _history(log_history: list[dict], tokens_per_step: int, start_idx: int, glob
 
 def run_stage1(cfg: Config, ctx: Context, out: Path) -> dict:
     """Stage 1: train only the input embeddings and the output head (one matrix when tied)."""
-    return train_stage(cfg, ctx, out, 1, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
+    return train_stage(cfg, ctx, out, STAGE1, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
 
 
 def run_stage2(cfg: Config, ctx: Context, out: Path) -> dict:
     """Stage 2: train the whole model, or LoRA adapters plus the embedding/head rows (``stage2_use_lora``)."""
-    return train_stage(cfg, ctx, out, 2, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
+    return train_stage(cfg, ctx, out, STAGE2, resume_from_checkpoint=cfg.train.resume_from_checkpoint)
