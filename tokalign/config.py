@@ -44,7 +44,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from tokalign.errors import TokalignError
 
-INIT_METHODS = ("random", "mean", "fvt", "focus", "omp", "tokalign_1to1", "tokalign")
+INIT_METHODS = ("random", "mean", "fvt", "focus", "omp", "tokalign_1to1", "tokalign", "extend")
+CROSS_FAMILY_METHODS = INIT_METHODS[:-1]  # the default list: `extend` needs target_tokenizer=domain
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 WANDB_MODES = ("online", "offline", "disabled")
 SCORINGS = ("cos", "csls")
@@ -367,6 +368,35 @@ class AdaptersConfig:
         return ("qlora" if device == "cuda" else "lora") if self.method == "auto" else self.method
 
 
+DOMAIN_VOCAB_KINDS = ("words", "numbers", "phrases")  # tokalign.domain_vocab.KINDS
+
+
+@dataclass
+class DomainVocabConfig:
+    """``target_tokenizer=domain``: the source tokenizer plus new tokens learned from the training split."""
+
+    size: int = 300  # new tokens (BPE merges appended after the source's); research modes: 2000
+    min_freq: int = 2  # a merge must save at least this many tokens on the training split
+    kinds: list[str] = field(default_factory=lambda: list(DOMAIN_VOCAB_KINDS))  # which new tokens: words, numbers, phrases
+    max_phrase_words: int = 3  # longest phrase token, in words
+    report_top: int = 50  # candidates listed in report.json with their savings
+    init_fit_tokens: int = 20000  # init method extend: source tokens whose hidden states fit the new output rows
+    init_steps: int = 50  # init method extend: Adam steps on the new rows only (8 windows of 64 tokens each)
+    init_lr: float = 3e-3  # init method extend: their learning rate
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 1, "domain_vocab.size", ">= 1", self.size)
+        _check(self.min_freq >= 1, "domain_vocab.min_freq", ">= 1", self.min_freq)
+        bad = [k for k in self.kinds if k not in DOMAIN_VOCAB_KINDS]
+        _check(not bad and len(self.kinds) > 0, "domain_vocab.kinds", f"a non-empty list from {DOMAIN_VOCAB_KINDS}",
+               list(self.kinds))
+        _check(self.max_phrase_words >= 2, "domain_vocab.max_phrase_words", ">= 2", self.max_phrase_words)
+        _check(self.report_top >= 0, "domain_vocab.report_top", ">= 0", self.report_top)
+        _check(self.init_fit_tokens >= 0, "domain_vocab.init_fit_tokens", ">= 0", self.init_fit_tokens)
+        _check(self.init_steps >= 0, "domain_vocab.init_steps", ">= 0", self.init_steps)
+        _check(self.init_lr > 0, "domain_vocab.init_lr", "> 0", self.init_lr)
+
+
 @dataclass
 class PreflightConfig:
     """Checks run before any work."""
@@ -379,7 +409,7 @@ class Config:
     """The whole run. Top-level keys are the ones users override most often."""
 
     source_model: str = MISSING  # hub id, local HF directory, or .gguf file of the source model
-    target_tokenizer: str = MISSING  # hub id, local directory, or (vocabulary-only) .gguf file
+    target_tokenizer: str = MISSING  # hub id, local directory, (vocabulary-only) .gguf file, or "domain" (the source's plus new tokens learned from the corpus: `domain_vocab`)
     corpus: str = MISSING  # training text: .txt/.jsonl/.json/.csv/.parquet, PubMedQA json, or a hub dataset id
     eval_corpus: Optional[str] = None  # evaluation text (None = the held-out part of `corpus`)
     corpus_text_field: str = "text"  # field holding the text in .jsonl/.json/.csv/.parquet/hub records
@@ -391,7 +421,7 @@ class Config:
     corpus_max_bad_share: float = 0.01  # corpus records that cannot be decoded or parsed are skipped and counted (corpus/bad_records_skipped, first places in corpus/report.json); more than this share of them is an error naming the file
     pivot_count: int = 300  # shared tokens used as pivots of the relative representations
     similarity_threshold: float = 0.3  # best similarity below this falls back to piece composition
-    init_methods: list[str] = field(default_factory=lambda: list(INIT_METHODS))  # initialisations built and scored
+    init_methods: list[str] = field(default_factory=lambda: list(CROSS_FAMILY_METHODS))  # initialisations built and scored (`extend` only with target_tokenizer=domain)
     seed: int = 0  # seed for every random choice (data order, fastText, baselines)
     lr_stage1: float = 6.4e-4  # stage 1 (embeddings + head) peak learning rate
     lr_stage2: float = 5e-5  # stage 2 (whole model or LoRA) peak learning rate
@@ -415,6 +445,11 @@ class Config:
     preflight: PreflightConfig = field(default_factory=PreflightConfig)  # start-up checks
     export: ExportConfig = field(default_factory=ExportConfig)  # Hugging Face and GGUF export
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)  # domain adapters on the final model
+    domain_vocab: DomainVocabConfig = field(default_factory=DomainVocabConfig)  # target_tokenizer=domain
+
+    def is_domain_vocab(self) -> bool:
+        """The target is the source's tokenizer extended on the corpus (stage ``domain_vocab``)."""
+        return self.target_tokenizer == "domain"
 
     def __post_init__(self) -> None:
         _check(self.corpus_bytes >= 0, "corpus_bytes", ">= 0", self.corpus_bytes)
@@ -430,6 +465,9 @@ class Config:
         _check(self.steps_stage1 >= 0, "steps_stage1", ">= 0", self.steps_stage1)
         _check(self.steps_stage2 >= 0, "steps_stage2", ">= 0", self.steps_stage2)
         _check(self.train_start_idx_stage2 >= -1, "train_start_idx_stage2", ">= -1 (-1 = after stage 1)", self.train_start_idx_stage2)
+        _check("extend" not in self.init_methods or self.is_domain_vocab(), "init_methods",
+               "'extend' only with target_tokenizer=domain (a vocabulary that extends the source's)",
+               list(self.init_methods))
         _check(len(self.optimized_metric) > 0, "optimized_metric", "a non-empty list of metric names", list(self.optimized_metric))
 
 

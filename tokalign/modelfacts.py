@@ -37,6 +37,16 @@ def is_tied(model: Any) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
+def untie(model: Any) -> None:
+    """Give a tied model an output head of its own, a copy of the embedding (its outputs do not change)."""
+    import torch
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings().weight
+    for c in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        c.tie_word_embeddings = False
+    head.weight = torch.nn.Parameter(emb.detach().clone(), requires_grad=emb.requires_grad)
+
+
 def free_memory() -> None:
     """Collect host garbage and return the CUDA allocator's cached blocks (torch is not imported for this)."""
     gc.collect()

@@ -32,8 +32,8 @@ from tokalign.context import Context
 from tokalign.distributed import launched
 from tokalign.modelfacts import free_memory
 from tokalign.config import Config
-from tokalign.stages import (adapters, align, corpus, embed, evaluate, export, init, instruct, preflight, source, terms,
-                             tokenize, train)
+from tokalign.stages import (adapters, align, corpus, domain_vocab, embed, evaluate, export, init, instruct, preflight,
+                             source, terms, tokenize, train)
 from tokalign.tracking import NullTracker
 
 log = logging.getLogger("tokalign")
@@ -67,13 +67,19 @@ STAGES: list[Stage] = [
                                      "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
                                      "eval.pubmedqa_test_ids")),  # not corpus_max_bad_share: it only decides failure
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
-    Stage("tokenize", tokenize.run, ("corpus", "source"), ("target_tokenizer", "trust_remote_code")),
+    Stage("domain_vocab", domain_vocab.run, ("corpus", "source"), ("domain_vocab.size", "domain_vocab.min_freq",
+                                                                  "domain_vocab.kinds", "domain_vocab.max_phrase_words",
+                                                                  "domain_vocab.report_top"),  # the target, learned
+          when=lambda cfg: cfg.is_domain_vocab()),
+    Stage("tokenize", tokenize.run, ("corpus", "source", "domain_vocab"), ("target_tokenizer", "trust_remote_code")),
     Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),
     Stage("embed", embed.run, ("tokenize",), ("embed",),  # seed: the documents sampled under embed.max_tokens
           keys_if=lambda cfg: ("seed",) if cfg.embed.max_tokens > 0 else ()),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
-    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed")),
+    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed"),
+          keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr")
+          if "extend" in cfg.init_methods else ()),
     Stage("evaluate_source", evaluate.run_source, ("corpus", "source"), ("eval", "hardware.dtype", "seed")),
     Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "align", "init", "evaluate_source"),
           ("eval", "init_methods", "alignment.reference_pairs", "hardware.dtype", "seed")),

@@ -45,7 +45,7 @@ from tokalign.artifacts import ArtifactError, curve_texts, scored_texts
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.errors import TokalignError
-from tokalign.modelfacts import free_memory, is_tied
+from tokalign.modelfacts import free_memory, is_tied, untie
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ PUBMEDQA_COLUMNS = ["model", "accuracy", "ci95_low", "ci95_high", "macro_f1", "n
 
 
 def apply_rows(model: Any, rows_path: Path, tied: Optional[bool] = None) -> None:
-    """Copy a method's rows (``embed`` and, for untied models, ``lm_head``) into ``model`` in place."""
+    """Copy a method's rows into ``model`` in place: ``embed``, and ``lm_head`` where the method wrote one (every
+    method on an untied source; method ``extend`` always, on a model ``modelfacts.untie`` gave a head of its own).
+    Rows without ``lm_head`` on a tied source (``tied``) fill a separate head with the embedding."""
     from safetensors.torch import load_file
 
     if not rows_path.is_file():
@@ -175,22 +177,24 @@ def apply_rows(model: Any, rows_path: Path, tied: Optional[bool] = None) -> None
     emb = model.get_input_embeddings().weight
     head_mod = model.get_output_embeddings()
     head = head_mod.weight if head_mod is not None else None
+    shared = head is None or head is emb or head.data_ptr() == emb.data_ptr()
     if tied is None:
         tied = is_tied(model)
     if "embed" not in tensors:
         raise EvalInputError(f"{rows_path}: missing tensor 'embed'")
+    pairs = [(n, d) for n, d in (("embed", emb), ("lm_head", head)) if n in tensors and d is not None]
+    for name, dst in pairs:
+        if tuple(tensors[name].shape) != tuple(dst.shape):
+            raise EvalInputError(f"{rows_path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                                 f"the model expects {tuple(dst.shape)}")
+    if "lm_head" in tensors and shared:
+        raise EvalInputError(f"{rows_path}: has output-head rows but the model's head is tied (untie it first)")
+    if "lm_head" not in tensors and not tied and not shared:
+        raise EvalInputError(f"{rows_path}: missing tensor 'lm_head' (the model's output head is untied)")
     with torch.no_grad():
-        for name, dst in (("embed", emb), ("lm_head", head)):
-            if name == "lm_head" and (tied or dst is None):
-                continue
-            if name not in tensors:
-                raise EvalInputError(f"{rows_path}: missing tensor '{name}' (the model's output head is untied)")
-            src = tensors[name]
-            if tuple(src.shape) != tuple(dst.shape):
-                raise EvalInputError(f"{rows_path}: tensor '{name}' has shape {tuple(src.shape)}, "
-                                     f"the model expects {tuple(dst.shape)}")
-            dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
-        if tied and head is not None and head is not emb:  # a tied model whose tensors were not shared
+        for name, dst in pairs:
+            dst.copy_(tensors[name].to(dtype=dst.dtype, device=dst.device))
+        if "lm_head" not in tensors and not shared:  # a tied method on a model whose head has its own tensor
             head.copy_(emb)
 
 
@@ -290,6 +294,8 @@ def _score_methods(cfg: Any, init_dir: Path, info: dict, texts: list[str]) -> tu
     model, tok = _load(init_dir / "model", cfg)
     tied = info.get("tied")
     tied = tied if isinstance(tied, bool) else None
+    if info.get("untied_methods") and is_tied(model):  # method extend writes a head of its own
+        untie(model)
     per_method: dict[str, dict] = {}
     for m in info["methods"]:
         apply_rows(model, init_dir / "rows" / f"{m}.safetensors", tied)

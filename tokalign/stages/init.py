@@ -19,6 +19,10 @@ treatment from the source head's rows; a tied model stays tied):
 * ``tokalign_1to1``: the published TokAlign rule: gold matches copy their row, every other token
   with a vector takes the row of its plain-cosine argmax, tokens never seen take a random
   (seeded) non-special source row.
+* ``extend`` (only for a target that extends the source's vocabulary, ``target_tokenizer=domain``): every old
+  row the source's, bit for bit, the head untied, new rows made with the source model itself
+  (``tokalign/extend_rows.py``: input row of the last piece, output row fitted to the source's log-probability of
+  the token's string, then a few steps on the new rows only); ``rows/extend.safetensors`` holds ``lm_head`` too.
 * ``tokalign``: ours, from ``align/alignment.npz``: special tokens by role, gold copies, confident
   alignments (``src``/``weight`` rows, blended with FVT by ``blend``), FVT for the rest (or FOCUS/OMP rows
   where ``alignment.new_rows`` says so), new rows of tokens the corpus never produced scaled by
@@ -32,7 +36,7 @@ their other rows (``same_start``).
 
 The vocabulary is ``len(target tokenizer)`` rows, not padded to a multiple of 64.
 
-Writes ``model/`` (the primary method: ``tokalign`` when listed, else the first; safetensors, the
+Writes ``model/`` (the primary method: ``extend`` when listed, else ``tokalign`` when listed, else the first; safetensors, the
 target tokenizer, ``vocab_size`` and BOS/EOS/PAD/UNK ids from the target tokenizer),
 ``rows/<method>.safetensors`` (``embed`` [V_t, hidden], plus ``lm_head`` only when untied) and
 ``info.json`` {"primary", "methods", "tied", "vocab_size", "hidden_size", "counts": {...}}.
@@ -56,7 +60,9 @@ from tokalign import refs
 from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.errors import TokalignError
-from tokalign.modelfacts import is_tied
+from tokalign.artifacts import docs_of, load_stream
+from tokalign.extend_rows import ExtendSettings, extend_rows
+from tokalign.modelfacts import is_tied, untie
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +169,12 @@ def same_start(rows: np.ndarray, matrix: np.ndarray, start: tuple[Optional[int],
 
 
 def build_model(model: Any, tok: Any, embed_rows: np.ndarray, head_rows: Optional[np.ndarray]) -> Any:
-    """Resize ``model`` to the target vocabulary in place, set the rows and the special-token ids."""
+    """Resize ``model`` to the target vocabulary in place, set the rows and the special-token ids (a tied model
+    given head rows, method ``extend``'s, is untied first)."""
     import torch
 
+    if head_rows is not None and is_tied(model):
+        untie(model)
     tied = is_tied(model)
     n_t, hidden = embed_rows.shape
     model.resize_token_embeddings(n_t, mean_resizing=False)
@@ -208,13 +217,26 @@ def verify_saved(path: Path, embed_rows: np.ndarray) -> None:
         raise InitInputError(f"{path}: saved embedding rows differ from the rows that were set")
 
 
+def _extend(cfg: Config, ctx: Context, model: Any, tok: Any, src_tok: Any, start: Optional[int]) -> tuple:
+    """Method ``extend``'s rows from the source model and the training streams of stage ``tokenize``."""
+    dv = cfg.domain_vocab
+    s_ids, s_off = load_stream(ctx.path("tokenize"), "source")
+    t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
+    settings = ExtendSettings(fit_tokens=dv.init_fit_tokens, steps=dv.init_steps, lr=dv.init_lr, seed=cfg.seed)
+    bos = start if start is not None else int(tok.eos_token_id or 0)
+    e, h, info = extend_rows(model, tok, src_tok, [[bos, *d.tolist()] for d in docs_of(s_ids, s_off)],
+                             [d.tolist() for d in docs_of(t_ids, t_off)], bos, settings)
+    log.info("init: extend rows for %d new tokens (%s)", len(tok) - len(src_tok), info)
+    return e, h, info
+
+
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
     from safetensors.numpy import save_file
 
     t0 = time.time()
     src_dir, align_dir, tok_dir = ctx.path("source"), ctx.path("align"), ctx.path("tokenize")
     methods = list(dict.fromkeys(cfg.init_methods))  # non-empty, known names: Config.__post_init__
-    primary = "tokalign" if "tokalign" in methods else methods[0]
+    primary = next((m for m in ("extend", "tokalign") if m in methods), methods[0])
     tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
     src_tok = refs.load_tokenizer(str(src_dir / "model"))
     al = load_alignment(align_dir / "alignment.npz", len(tok))
@@ -233,6 +255,13 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
     counts: dict[str, dict] = {}
     primary_rows: tuple[np.ndarray, Optional[np.ndarray]] = (np.empty(0), None)
     for m in methods:
+        if m == "extend":
+            e_rows, h_rows, info = _extend(cfg, ctx, model, tok, src_tok, start[0])
+            save_file({"embed": e_rows, "lm_head": h_rows}, str(out / "rows" / "extend.safetensors"))
+            counts[m] = info
+            if m == primary:
+                primary_rows = (e_rows, h_rows)
+            continue
         e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special)
         same_start(e_rows, emb, start)
         tensors = {"embed": np.ascontiguousarray(e_rows)}
@@ -253,6 +282,7 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
 
     how = al["how"]
     info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
+            "untied_methods": [m for m in methods if m == "extend"],
             "start_token": {"target": start[0], "source": start[1]},
             "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
             "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special", "sparse"))}}

@@ -2,7 +2,8 @@
 flat numpy arrays of token IDs (no special tokens) plus document offsets.
 
 Writes ``source_ids.npy`` / ``target_ids.npy`` (uint32), ``source_offsets.npy`` /
-``target_offsets.npy`` (int64, n_docs + 1), ``target_tokenizer/`` (the target tokenizer saved
+``target_offsets.npy`` (int64, n_docs + 1), ``target_tokenizer/`` (the target tokenizer, or with
+``target_tokenizer=domain`` stage ``domain_vocab``'s, saved
 as a Hugging Face folder, so later stages load it fast) and ``info.json``.
 
 Run alone:  python -m tokalign target_tokenizer=/path/tok.gguf   (the pipeline caches this stage)
@@ -82,7 +83,8 @@ def encode_corpus(texts: list[str], tokenizer_dirs: list[str], workers: int,
 
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
     src_dir = ctx.path("source") / "model"
-    tgt = refs.load_tokenizer(cfg.target_tokenizer, trust_remote_code=cfg.trust_remote_code)
+    ref = str(ctx.path("domain_vocab") / "tokenizer") if cfg.is_domain_vocab() else cfg.target_tokenizer
+    tgt = refs.load_tokenizer(ref, trust_remote_code=cfg.trust_remote_code)
     tgt.save_pretrained(out / "target_tokenizer")
     src = refs.load_tokenizer(str(src_dir))
     docs = training_docs(ctx.path("corpus"))

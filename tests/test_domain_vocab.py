@@ -1,0 +1,177 @@
+"""Domain vocabulary (target_tokenizer=domain): the tokenizer it builds and the rows method ``extend`` makes.
+
+    python -m pytest -q tests/test_domain_vocab.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ASSETS, SMALL, need_assets, tiny_llama, tokalign
+from tokalign import domain_vocab as D
+from tokalign import refs
+from tokalign.extend_rows import ExtendError, ExtendSettings, extend_rows
+
+SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SPM = ASSETS / "tokenizers" / "ggml-vocab-llama-spm.gguf"
+# a planted phrase after a different word each time: units are isolated left to right, so a frequent n-gram that
+# ends inside it (' mg as per') would take its place
+WORDS = [a + b for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ti") for b in ("ber", "dan", "gol", "vin", "zet")]
+PLANTED = [f"The patient received zorbatide 31415 mg and was {w} as per protocol before the scan.\n"
+           f"Afterwards zorbatide 31415 mg was given, {w[::-1]} as per protocol at night.\n" for w in WORDS]
+
+
+def _pubmedqa(n: int, offset: int = 0) -> list[str]:
+    need_assets()
+    d = json.loads((ASSETS / "pubmedqa" / "ori_pqal.json").read_text())
+    return [" ".join(v["CONTEXTS"]) for v in list(d.values())[offset:offset + n]]
+
+
+def _build(src, texts, **kw):
+    args = dict(size=200, min_freq=2, kinds=list(D.KINDS), max_phrase_words=3)
+    args.update(kw)
+    built = D.build(D.backend_json(src), texts, texts[:5], **args)
+    return built, D.to_hf(src, built.tokenizer_json)
+
+
+def _free_of_new_strings(tok, src, texts: list[str]) -> list[str]:
+    """Pieces of ``texts`` (cut at spaces into 1-4 word runs) that contain no new token's string."""
+    new = [tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]) for i in range(len(src), len(tok))]
+    out = []
+    for t in texts:
+        words = t.split(" ")
+        for i in range(0, len(words), 4):
+            piece = " " + " ".join(words[i:i + 4])
+            if not any(s in piece for s in new):
+                out.append(piece)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol_built():
+    src = refs.load_tokenizer(str(SMOL)) if (ASSETS / "models").is_dir() else pytest.skip("no demo assets")
+    built, tok = _build(src, _pubmedqa(150), size=400)
+    return src, built, tok
+
+
+@pytest.mark.parametrize("which", ["byte-level", "sentencepiece"])
+def test_text_without_new_strings_tokenizes_as_the_source(which, smol_built):
+    if which == "byte-level":
+        src, built, tok = smol_built
+    else:
+        src = refs.load_tokenizer(str(SPM))
+        built, tok = _build(src, _pubmedqa(150), size=300)
+        assert built.reasons and "phrases" in built.reasons[0]  # SentencePiece: no unit can be isolated
+    assert len(tok) == len(src) + len(built.merges)
+    held_out = _pubmedqa(60, offset=900)
+    inp = ASSETS / "tokenizers" / "ggml-vocab-llama-bpe.gguf.inp"
+    held_out += [s for s in inp.read_text().split("\n__ggml_vocab_test__\n") if s.strip()]
+    pieces = _free_of_new_strings(tok, src, held_out)
+    assert len(pieces) > 200
+    for p in pieces:
+        assert tok(p, add_special_tokens=False).input_ids == src(p, add_special_tokens=False).input_ids, p
+    # and text with them is shorter, and decodes to itself
+    text = held_out[0]
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) < len(src(text, add_special_tokens=False).input_ids)
+    assert tok.decode(ids) == text
+
+
+def test_a_planted_word_number_and_phrase_each_become_one_token():
+    need_assets()
+    src = refs.load_tokenizer(str(SMOL))
+    built, tok = _build(src, PLANTED + _pubmedqa(20), size=80)
+    for s in (" zorbatide", " 31415", " as per protocol"):
+        assert len(tok.tokenize(s)) == 1, (s, tok.tokenize(s))
+        assert len(src.tokenize(s)) > 1
+    kinds = {m.a + m.b: m.kind for m in built.merges}
+    assert kinds["Ġzorbatide"] == "words" and kinds["Ġ31415"] == "numbers" and kinds["ĠasĠperĠprotocol"] == "phrases"
+    # a phrase never fires inside a longer word or number: the source's split there
+    phrase = tok.convert_tokens_to_ids("ĠasĠperĠprotocol")
+    for s in (" as per protocols", " as per protocol9", " as per protocolised"):
+        assert phrase not in tok(s, add_special_tokens=False).input_ids, s
+    assert tok(" as per protocol.", add_special_tokens=False).input_ids[0] == phrase
+
+
+def test_no_candidate_above_min_freq_is_a_one_line_error_naming_the_key():
+    need_assets()
+    src = refs.load_tokenizer(str(SMOL))
+    with pytest.raises(D.DomainVocabError, match=r"domain_vocab\.min_freq=1000000: no pair") as e:
+        _build(src, _pubmedqa(5), min_freq=10 ** 6)
+    assert "\n" not in str(e.value)
+
+
+def test_kinds_choose_what_is_learned(smol_built):
+    src, built, _ = smol_built
+    assert {m.kind for m in built.merges} == set(D.KINDS)
+    words, _ = _build(src, _pubmedqa(150), size=100, kinds=["words"])
+    assert {m.kind for m in words.merges} == {"words"}
+    assert all(not re.search(r"\d", m.a + m.b) for m in words.merges)
+    # each merge saved what it says on the training split: the sum is the real tokenizer's saving
+    texts = _pubmedqa(150)
+    tok = D.to_hf(src, words.tokenizer_json)
+    real = sum(len(src.tokenize(t)) - len(tok.tokenize(t)) for t in texts)
+    assert real == sum(m.saved_train for m in words.merges)
+
+
+def test_extend_rows_keep_old_rows_and_fit_new_output_rows():
+    """A tiny tied model on a byte tokenizer extended by one merge: old rows bit-identical, head untied, the new
+    output row gives the new token about the logit of its string (the source's log-probability of both pieces)."""
+    from conftest import byte_tokenizer
+
+    src = byte_tokenizer()
+    sj = D.backend_json(src)
+    built = D.build(sj, ["ab ab ab abc"] * 30, ["ab"], size=1, min_freq=2, kinds=["words"], max_phrase_words=2)
+    tok = D.to_hf(src, built.tokenizer_json)
+    assert len(tok) == len(src) + 1
+    model = tiny_llama(vocab=len(src))
+    before = model.get_input_embeddings().weight.detach().clone()
+    docs = [[1] + src("ab ab abc ab ab ab abc ab", add_special_tokens=False).input_ids for _ in range(20)]
+    tdocs = [tok("ab ab abc ab ab ab abc ab", add_special_tokens=False).input_ids for _ in range(20)]
+    s = ExtendSettings(fit_tokens=200, steps=3, lr=1e-2, window=16, batch=2)
+    e, h, info = extend_rows(model, tok, src, docs, tdocs, 1, s)
+    assert np.array_equal(e[:len(src)], before.numpy()) and np.array_equal(h[:len(src)], before.numpy())
+    assert info["steps"] == 3 and info["windows"] > 0 and info["fit_positions"] > 0
+    assert not np.array_equal(e[-1], h[-1])  # input and output rows differ: the head is untied
+    with pytest.raises(ExtendError, match="extend"):
+        extend_rows(model, src, tok, docs, tdocs, 1, s)  # the "target" does not extend the "source"
+
+
+def test_extend_is_refused_for_a_cross_family_target():
+    from tokalign.config import ConfigError
+    from tokalign.cli import compose_cli
+
+    with pytest.raises(ConfigError, match="init_methods"):
+        compose_cli(["init_methods=[fvt,extend]"])
+
+
+def test_domain_vocab_end_to_end_on_the_demo(tmp_path, shared_cache):
+    """``python -m tokalign experiment=domain_vocab`` at small budgets: the tokenizer is used by every stage, the
+    summary holds the savings, old rows are the source's bit for bit, extend beats FVT at init."""
+    from safetensors.numpy import load_file
+
+    run = tmp_path / "run"
+    tokalign("experiment=domain_vocab", *SMALL, "domain_vocab.size=150", "domain_vocab.init_steps=4",
+             "domain_vocab.init_fit_tokens=3000", "init_methods=[fvt,extend]", cache=shared_cache, run_dir=run)
+    s = json.loads((run / "summary.json").read_text())
+    m = s["metrics"]
+    assert m["domain_vocab/added"] == 150 == sum(m[f"domain_vocab/added/{k}"] for k in D.KINDS)
+    assert 0.05 < m["domain_vocab/tokens_saved_share"] < 0.5
+    assert m["domain_vocab/tokens_per_term/after"] <= m["domain_vocab/tokens_per_term/before"]
+    assert (run / "domain_vocab_savings.png").is_file()
+    stages = run / "stages"
+    tok_info = json.loads((stages / "tokenize" / "info.json").read_text())
+    assert tok_info["target_vocab"] == tok_info["source_vocab"] + 150
+    src = load_file(str(stages / "source" / "model" / "model.safetensors"))
+    src_emb = next(v for k, v in src.items() if k.endswith("embed_tokens.weight"))
+    rows = load_file(str(stages / "init" / "rows" / "extend.safetensors"))
+    v_s = src_emb.shape[0]
+    assert np.array_equal(rows["embed"][:v_s], src_emb.astype(np.float32))
+    assert np.array_equal(rows["lm_head"][:v_s], src_emb.astype(np.float32))  # tied source: head = embedding
+    init_cfg = json.loads((stages / "init" / "model" / "config.json").read_text())
+    assert init_cfg["tie_word_embeddings"] is False and init_cfg["vocab_size"] == v_s + 150
+    assert m["bpb/init/extend"] < m["bpb/init/fvt"]

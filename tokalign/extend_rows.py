@@ -1,0 +1,176 @@
+"""Rows for new tokens of a vocabulary that extends the source's (``target_tokenizer=domain``), made with the source
+model itself: init method ``extend``.
+
+Every old row is the source's, bit for bit; the head is untied (the output head becomes a copy of the tied
+matrix), because one vector cannot be both a good input row and a good output row for a multi-piece token: as
+an output row it competes with its own first piece, and the mean of its pieces (FVT) gives it a logit far below
+the probability the source gave its string (measured in the README, "Domain vocabulary"). For a new token ``t``
+spelled by source pieces ``p1 … pk``:
+
+1. input row: the row of ``pk``, the piece after which the source has read the whole string;
+2. output row: ``head[p1] + δ_t``, with ``δ_t`` the ridge regression (over the source's final hidden states ``h``
+   on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
+   elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string;
+3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen) with the next-token loss
+   on training windows under the new tokenization that hold a new token.
+
+Settings (``domain_vocab.init_*``) were chosen on the dev split (``config.py`` says how).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from tokalign.errors import TokalignError
+
+log = logging.getLogger("tokalign")
+
+
+class ExtendError(TokalignError, ValueError):
+    """The target vocabulary does not extend the source's (method ``extend`` needs it to)."""
+
+
+@dataclass(frozen=True)
+class ExtendSettings:
+    fit_tokens: int  # source tokens of training text whose hidden states fit the output rows
+    steps: int  # Adam steps on the new rows
+    lr: float
+    batch: int = 8
+    window: int = 64
+    ridge: float = 10.0  # ridge strength per 1,000 fitted positions
+    seed: int = 0
+
+
+def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
+    """Source pieces of every new token (ids ``len(src_tok)`` …); an error when the first ids are not the source's."""
+    v_s, sv, tv = len(src_tok), src_tok.get_vocab(), tok.get_vocab()
+    if len(tok) < v_s or any(tv.get(t) != i for t, i in sv.items()):
+        raise ExtendError(f"init_methods: 'extend' needs a target vocabulary that starts with the source's {v_s} tokens "
+                          "(target_tokenizer=domain); this target does not")
+    out = []
+    for i in range(v_s, len(tok)):
+        text = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)])
+        out.append(src_tok(text, add_special_tokens=False).input_ids or [0])
+    return out
+
+
+def _doc_hidden(model: Any, ids: Sequence[int]) -> tuple[Any, Any]:
+    """Final hidden states (the head's input) and log-probabilities of one document."""
+    import torch
+
+    with torch.no_grad():
+        h = model.base_model(torch.tensor([list(ids)])).last_hidden_state[0]
+        return h, torch.log_softmax(model.get_output_embeddings()(h), -1)
+
+
+def output_rows(model: Any, docs: Sequence[Sequence[int]], pieces: Sequence[list[int]], head: Any,
+                s: ExtendSettings) -> tuple[Any, dict]:
+    """``head[p1] + δ_t`` for every new token (step 2 of the module docstring)."""
+    import torch
+
+    by_first: dict[int, list[int]] = defaultdict(list)
+    for t, p in enumerate(pieces):
+        by_first[p[0]].append(t)
+    hs, pos, n = [], defaultdict(list), 0
+    for ids in docs:
+        if n >= s.fit_tokens:
+            break
+        ids = list(ids)[: min(512, s.fit_tokens - n + 1)]
+        if len(ids) < 2:
+            continue
+        h, lp = _doc_hidden(model, ids)
+        for j in range(len(ids) - 1):  # h[j] predicts ids[j + 1]
+            for t in by_first.get(ids[j + 1], ()):
+                p = pieces[t]
+                if ids[j + 1:j + 1 + len(p)] == p:
+                    pos[t].append((n + j, float(sum(lp[j + q, p[q]] for q in range(1, len(p))))))
+        hs.append(h[:-1])
+        n += len(ids) - 1
+    H = torch.cat(hs) if hs else torch.zeros(0, head.shape[1])
+    gram = H.T @ H + s.ridge * max(len(H), 1) / 1000 * torch.eye(H.shape[1])
+    inv, total = torch.linalg.inv(gram), H.sum(0)
+    rows = []
+    for t, p in enumerate(pieces):
+        seen = pos.get(t, [])
+        c = float(np.mean([r for _, r in seen])) if seen else 0.0
+        b = c * total
+        for i, r in seen:
+            b = b + H[i] * (r - c)
+        rows.append(head[p[0]] + inv @ b)
+    return torch.stack(rows), {"fit_positions": int(len(H)), "tokens_seen": len(pos)}
+
+
+def windows(docs: Sequence[Sequence[int]], v_s: int, start: int, size: int, seed: int) -> list[list[int]]:
+    """Training windows (``start`` token first) that hold at least one new token, shuffled."""
+    out = []
+    for ids in docs:
+        ids = list(ids)
+        for a in range(0, len(ids), size - 1):
+            w = ids[a:a + size - 1]
+            if len(w) > 8 and max(w) >= v_s:
+                out.append([start] + w)
+    np.random.default_rng(seed).shuffle(out)
+    return out
+
+
+def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[list[int]], s: ExtendSettings) -> dict:
+    """Step 3: Adam on the rows ``v_s …`` of ``emb`` and ``head`` (tensors changed in place)."""
+    import torch
+    import torch.nn.functional as F
+
+    d_in = torch.zeros_like(emb[v_s:], requires_grad=True)
+    d_out = torch.zeros_like(head[v_s:], requires_grad=True)
+    opt = torch.optim.Adam([d_in, d_out], lr=s.lr)
+    losses, t0 = [], time.time()
+    for step in range(s.steps):
+        batch = [wins[(step * s.batch + k) % len(wins)] for k in range(s.batch)]
+        n = max(len(w) for w in batch)
+        ids = torch.tensor([w + [0] * (n - len(w)) for w in batch])
+        mask = torch.tensor([[1] * len(w) + [0] * (n - len(w)) for w in batch])
+        x = F.embedding(ids, torch.cat([emb[:v_s], emb[v_s:] + d_in]))
+        h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = h @ torch.cat([head[:v_s], head[v_s:] + d_out]).T
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 10 == 0:
+            log.info("init extend: step %d/%d, loss %.3f, %.0fs", step + 1, s.steps, np.mean(losses[-10:]),
+                     time.time() - t0)
+    with torch.no_grad():
+        emb[v_s:] += d_in
+        head[v_s:] += d_out
+    return {"steps": s.steps, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequence[int]],
+                target_docs: Sequence[Sequence[int]], start: int, s: ExtendSettings) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(embed rows, head rows, info)`` for the whole target vocabulary (float32 numpy)."""
+    import torch
+
+    pieces = new_token_pieces(tok, src_tok)
+    v_s = len(src_tok)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    src_emb = model.get_input_embeddings().weight.detach().float()[:v_s]
+    src_head = model.get_output_embeddings().weight.detach().float()[:v_s]
+    out_new, info = output_rows(model, source_docs, pieces, src_head, s)
+    emb = torch.cat([src_emb, torch.stack([src_emb[p[-1]] for p in pieces])]) if pieces else src_emb.clone()
+    head = torch.cat([src_head, out_new]) if pieces else src_head.clone()
+    wins = windows(target_docs, v_s, start, s.window, s.seed)
+    if pieces and wins and s.steps > 0:
+        torch.manual_seed(s.seed)
+        info.update(train_new_rows(model, emb, head, v_s, wins, s))
+    info["windows"] = len(wins)
+    e, h = emb.numpy().astype(np.float32), head.numpy().astype(np.float32)
+    assert np.array_equal(e[:v_s], src_emb.numpy()) and np.array_equal(h[:v_s], src_head.numpy())
+    return e, h, info
