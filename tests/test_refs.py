@@ -75,3 +75,41 @@ def test_retry_backs_off_then_succeeds_or_reraises(monkeypatch):
         refs.retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "hub", attempts=2)
     with pytest.raises(ValueError):  # not transient: no retry
         refs.retry(lambda: (_ for _ in ()).throw(ValueError("bad")), "hub")
+
+
+@pytest.mark.parametrize("name", ["tokenizers/ggml-vocab-llama-spm.gguf", "tokenizers/ggml-vocab-gpt-neox.gguf",
+                                  "models/SmolLM2-135M-Instruct.Q4_1.gguf"])
+def test_a_gguf_tokenizer_is_converted_once_and_then_read_back_the_same(assets, tmp_path, monkeypatch, name):
+    """The kept folder gives the same tokenizer as the conversion (SentencePiece prefix, the GPT-NeoX rebuild, a
+    model's chat template); a changed file is converted again; ``off`` keeps nothing."""
+    monkeypatch.setenv(refs.TOKENIZER_CACHE_ENV, str(tmp_path / "kept"))
+    path = assets / name
+    fresh = refs.load_tokenizer(str(path))
+    [kept_dir] = (tmp_path / "kept").iterdir()
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(refs, "_convert_gguf_tokenizer", no_conversion)
+    kept = refs.load_tokenizer(str(path))
+    inp = path.with_name(path.name + ".inp")
+    texts = ["Hello world", "  two spaces", " leading space", "\n\ttabs\n", "<|im_start|>user\nhi<|im_end|>",
+             "p < 0.001, 95% CI", "数字 123 4567 🦙", ""]
+    texts += inp.read_text().split("\n__ggml_vocab_test__\n") if inp.is_file() else []
+    for text in texts:
+        for special in (True, False):
+            assert kept(text, add_special_tokens=special).input_ids == fresh(text, add_special_tokens=special).input_ids, text
+        assert kept.decode(fresh(text).input_ids) == fresh.decode(fresh(text).input_ids)
+    assert len(kept) == len(fresh) and kept.all_special_tokens == fresh.all_special_tokens
+    assert (kept.bos_token_id, kept.eos_token_id, kept.chat_template) == (fresh.bos_token_id, fresh.eos_token_id, fresh.chat_template)
+    assert kept.name_or_path == str(path)
+
+    # another file (a copy: another path, another modification time) is converted, not read back
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(refs.RefError, match="converted again"):
+        refs.load_tokenizer(str(copy))
+    monkeypatch.undo()
+    monkeypatch.setenv(refs.TOKENIZER_CACHE_ENV, "off")
+    refs.load_tokenizer(str(copy))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [kept_dir.name]

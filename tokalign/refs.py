@@ -8,9 +8,11 @@ and merges with the ``tokenizers`` library). Weights load from safetensors only 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 from tokalign.errors import TokalignError
@@ -116,25 +118,78 @@ def _neox_tokenizer_from_gguf(path: Path):
                                    unk_token=name(ids["unknown"]), pad_token=name(ids["padding"]))
 
 
+TOKENIZER_CACHE_ENV = "TOKALIGN_TOKENIZER_CACHE"  # where tokenizers read from GGUF files are kept ("off": nowhere)
+TOKENIZER_CACHE_HOME = "~/.cache/tokalign/tokenizers"
+CONVERSION_VERSION = 1  # part of the cache key: bump it when the GGUF conversion below changes
+
+
+def _converted_dir(p: Path) -> Optional[Path]:
+    """Where the tokenizer read from GGUF file ``p`` is kept as a Hugging Face folder: keyed by the file's path, size
+    and modification time and by the transformers/tokenizers versions, as ``make`` would; None when switched off."""
+    import tokenizers
+    import transformers
+
+    root = os.environ.get(TOKENIZER_CACHE_ENV, TOKENIZER_CACHE_HOME)
+    if root == "off":
+        return None
+    st = p.stat()
+    key = json.dumps([str(p.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, tokenizers.__version__,
+                      CONVERSION_VERSION])
+    return Path(root).expanduser() / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _keep_converted(tok: Any, where: Path) -> None:
+    """Save into a private folder, then rename it into place: a reader sees a whole folder or none."""
+    tmp = where.with_name(f"{where.name}.tmp{os.getpid()}")
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, where)
+    except OSError as e:  # another process won the race, or the cache folder is not writable: convert next time
+        log.info("%s: tokenizer not kept (%s)", where, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf_tokenizer(p: Path, ref: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+        return _sentencepiece_prefix(tok, p)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        arch = _gguf_arch(p)
+        if arch in ("gptneox", "gpt-neox") or "not supported" in str(e):
+            log.info("%s: transformers cannot read this GGUF tokenizer (%s); rebuilding from its tokens "
+                     "and merges", ref, e)
+            return _neox_tokenizer_from_gguf(p)
+        raise
+
+
+def _gguf_tokenizer(p: Path, ref: str, trust_remote_code: bool) -> Any:
+    """A GGUF's tokenizer: converted once (15-45 s for a 50k-150k vocabulary), then read from its saved folder (1 s)."""
+    from transformers import AutoTokenizer
+
+    where = _converted_dir(p)
+    if where is not None and (where / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(where))
+    else:
+        tok = _convert_gguf_tokenizer(p, ref, trust_remote_code)
+        if where is not None:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            _keep_converted(tok, where)
+    tok.name_or_path = ref  # errors name the user's file, not the kept folder
+    return tok
+
+
 def load_tokenizer(ref: str, *, trust_remote_code: bool = False):
-    """A fast tokenizer from a hub id, a folder, a full-model GGUF or a vocabulary-only GGUF."""
+    """A fast tokenizer from a hub id, a folder, a full-model GGUF or a vocabulary-only GGUF (converted once, then
+    kept under ``$TOKALIGN_TOKENIZER_CACHE``, default ``~/.cache/tokalign/tokenizers``)."""
     from transformers import AutoTokenizer
 
     try:
         if _is_local(ref):
             p = _check_local(ref)
             if p.is_file() and p.suffix == ".gguf":
-                try:
-                    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                        trust_remote_code=trust_remote_code)
-                    return _sentencepiece_prefix(tok, p)
-                except (ValueError, KeyError, NotImplementedError) as e:
-                    arch = _gguf_arch(p)
-                    if arch in ("gptneox", "gpt-neox") or "not supported" in str(e):
-                        log.info("%s: transformers cannot read this GGUF tokenizer (%s); rebuilding from its tokens "
-                                 "and merges", ref, e)
-                        return _neox_tokenizer_from_gguf(p)
-                    raise
+                return _gguf_tokenizer(p, ref, trust_remote_code)
             if p.is_file():
                 raise RefError(f"{ref}: a tokenizer file must be .gguf; otherwise pass its folder")
             return AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
