@@ -5,6 +5,12 @@ stable-hash holdout) and on the dev split. Prints a table and writes JSON.
     python scripts/bench_domain_vocab.py                                  # demo, sizes 300,1000,2000,5000
     python scripts/bench_domain_vocab.py --overrides "corpus=/data/notes.jsonl holdout_ids=null" \\
         --out scripts/results/bench_domain_vocab_notes.json               # your own corpus
+
+Text of another kind, from the demo assets (PubMedQA's conclusions as a corpus of one's own):
+
+    python -c "import json; d = json.load(open('../shared/assets/pubmedqa/ori_pqal.json')); open('/tmp/long_answers.jsonl', 'w').writelines(json.dumps({'text': v['LONG_ANSWER']}) + '\\n' for v in d.values())"
+    python scripts/bench_domain_vocab.py --sizes 300,2000 --overrides "corpus=/tmp/long_answers.jsonl holdout_ids=null" \\
+        --out scripts/results/bench_domain_vocab_long_answers.json
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def one(size: int, kinds: str, overrides: list[str], cache: str) -> dict:
     return {"size": size, "kinds": kinds, "added": report["added"], "saved_eval": report["saved_share"]["eval"],
             "saved_dev": report["saved_share"]["dev"], "by_kind_eval": report["saved_share_by_kind"]["eval"],
             "tokens_per_document_eval": report["tokens_per_document"].get("eval"),
-            "documents": report["documents"], "seconds": round(time.time() - t0, 1)}
+            "documents": report["documents"], "examples": report["examples"], "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:

@@ -175,3 +175,23 @@ def test_domain_vocab_end_to_end_on_the_demo(tmp_path, shared_cache):
     init_cfg = json.loads((stages / "init" / "model" / "config.json").read_text())
     assert init_cfg["tie_word_embeddings"] is False and init_cfg["vocab_size"] == v_s + 150
     assert m["bpb/init/extend"] < m["bpb/init/fvt"]
+
+
+def test_a_source_that_splits_every_digit_gets_no_numbers_and_keeps_its_tokenization():
+    """SmolLM2's own tokenizer.json cuts digits one by one (Digits pre-tokenizer): numbers are refused with a reason,
+    phrases still work, and text without new strings tokenizes as the source."""
+    need_assets()
+    src = refs.load_tokenizer(str(SMOL))
+    sj = D.backend_json(src)
+    sj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 sj["pre_tokenizer"]]}
+    texts = _pubmedqa(150)
+    built = D.build(sj, texts, texts[:5], size=200, min_freq=2, kinds=list(D.KINDS), max_phrase_words=3)
+    assert any(r.startswith("numbers:") for r in built.reasons)
+    assert {m.kind for m in built.merges} == {"words", "phrases"}
+    plain, tok = D.to_hf(src, sj), D.to_hf(src, built.tokenizer_json)
+    assert tok(" 2009 and p < 0.001").input_ids == plain(" 2009 and p < 0.001").input_ids
+    pieces = _free_of_new_strings(tok, plain, _pubmedqa(30, offset=900))
+    assert len(pieces) > 100
+    for p in pieces:
+        assert tok(p, add_special_tokens=False).input_ids == plain(p, add_special_tokens=False).input_ids, p

@@ -172,6 +172,54 @@ def test_a_gguf_that_tokenizes_differently_is_refused(tmp_path):
         check_tokenization(gguf, gpt2, strings, tmp_path / "hf")
 
 
+def _domain_export(tok, out: Path) -> Path:
+    model = tiny_llama(vocab=len(tok), positions=256)
+    model.save_pretrained(out / "hf")
+    tok.save_pretrained(out / "hf")
+    return llamacpp.convert(out / "hf", out / "model-f16.gguf", "f16")
+
+
+@needs_llama_cpp
+def test_a_words_only_domain_vocabulary_exports_to_a_gguf_that_tokenizes_like_hugging_face(tmp_path):
+    """target_tokenizer=domain with domain_vocab.kinds=[words] keeps the source's pre-tokenizer: llama.cpp uses the new
+    merges and splits held-out text exactly as Hugging Face, with no mismatch the source vocabulary does not have too."""
+    from tokalign import domain_vocab as D
+
+    assets = need_assets()
+    src = refs.load_tokenizer(str(assets / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    data = json.loads((assets / "pubmedqa" / "ori_pqal.json").read_text())
+    texts = [" ".join(v["CONTEXTS"]) for v in data.values()]
+    built = D.build(D.backend_json(src), texts[:300], texts[300:330], size=200, min_freq=2, kinds=["words"],
+                    max_phrase_words=3)
+    assert not built.units and built.tokenizer_json["pre_tokenizer"] == D.backend_json(src)["pre_tokenizer"]
+    tok = D.to_hf(src, built.tokenizer_json)
+    strings = texts[900:950] + llamacpp.read_test_strings(assets / "tokenizers" / "ggml-vocab-llama-bpe.gguf.inp")
+    found: dict = {}
+    for name, t in (("domain", tok), ("source", src)):
+        (tmp_path / name).mkdir()
+        llm = llamacpp.load(_domain_export(t, tmp_path / name), vocab_only=True)
+        found[name] = {b["text"] for b in llamacpp.tokenization_mismatches(llm, t, strings)}
+        ids = [i for s in texts[900:950] for i in llm.tokenize(s.encode(), add_bos=False, special=False)]
+        found[name + "_new_ids"] = sum(i >= len(src) for i in ids)
+        llm.close()
+    assert found["domain"] <= found["source"] and len(found["source"]) <= 2  # the source's own: 'ied 4 ½ months'
+    assert found["domain_new_ids"] > 100  # llama.cpp does use the new tokens
+
+
+def test_preflight_refuses_gguf_export_of_a_domain_vocabulary_with_numbers_or_phrases():
+    from tokalign.config import DomainVocabConfig, ExportConfig
+    from tokalign.stages.preflight import PreflightError, check_export
+
+    cfg = make_cfg(target_tokenizer="domain", export=ExportConfig(enabled=True, gguf_types=["q8_0"]),
+                   domain_vocab=DomainVocabConfig(kinds=["words", "numbers"]))
+    with pytest.raises(PreflightError, match=r"domain_vocab.kinds=\['words', 'numbers'\]: numbers change the "
+                                             r"pre-tokenizer.*set domain_vocab.kinds=\[words\]") as e:
+        check_export(cfg)
+    assert "\n" not in str(e.value)
+    assert check_export(make_cfg(target_tokenizer="domain", export=ExportConfig(enabled=True, gguf_types=[]),
+                                 domain_vocab=DomainVocabConfig(kinds=["phrases"]))) == {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

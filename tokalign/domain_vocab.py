@@ -8,7 +8,11 @@ training itself chooses), then counted on the dev split. Three kinds, by what th
 * ``numbers``: anything with a digit: digit groups inside one pre-token (``' 2009'`` from ``' '`` ``'2'`` ``'0'``
   ``'0'`` ``'9'``) and decimals listed as numeric units (``' 0.001'``, which the source splits in three
   pre-tokens).
-* ``phrases``: two or more whole words (``' of the'``).
+* ``phrases``: two or more whole words (``' of the'``, and hyphenated compounds: ``' follow-up'``).
+
+With ``kinds=[words]`` nothing crosses a source pre-token, so the pre-tokenizer is the source's and llama.cpp (whose
+pre-tokenizers are fixed per model family) tokenizes the exported GGUF as Hugging Face does; numbers and phrases
+need the pre-tokenizer below, which llama.cpp cannot express.
 
 Phrases and decimals cross the source's pre-token boundaries, so the domain tokenizer's pre-tokenizer isolates
 the listed units first: the source's split regex with ``(?:' of the'|' 0.001'|…)(?![\\p{L}\\p{N}])`` put before
@@ -31,17 +35,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
+from tokalign.errors import TokalignError
+
 KINDS = ("words", "numbers", "phrases")
 BOUNDARY = r"(?![\p{L}\p{N}])"  # a unit ends where no letter or digit follows
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 WORD_GRAM = re.compile(r"(?:^| )[^\W\d_]+")  # a pre-token that is one word after a space
 DECIMAL = re.compile(r"(?: [<>=≤≥])? ?\d+(?:[.,]\d+)*%|(?: [<>=≤≥])? ?\d+(?:[.,]\d+)+")  # ' 0.001', ' < 0.05', ' 95%'
 PUNCT_WORD = re.compile(r"[.,;:] [^\W\d_]+")  # a phrase unit across punctuation: '. The', ', and'
-HYPHENATED = re.compile(r"(?:^| )[^\W\d_]+(?:-[^\W\d_]+)+")  # a word unit: follow-up, non-small-cell
+HYPHENATED = re.compile(r"(?:^| )[^\W\d_]+(?:-[^\W\d_]+)+")  # a phrase unit: follow-up, non-small-cell
 SPACE_MARKS = ("Ġ", "▁", " ")
 
 
-class DomainVocabError(ValueError):
+class DomainVocabError(TokalignError, ValueError):
     """The corpus or the ``domain_vocab`` settings cannot give a vocabulary (one line, naming the key)."""
 
 
@@ -68,6 +74,16 @@ def split_regex(pre: Optional[dict]) -> Optional[str]:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return GPT2_SPLIT
     return None
+
+
+def splits_digits(pre: Optional[dict]) -> bool:
+    """The source cuts every digit into a pre-token of its own (``Digits(individual_digits=True)``, as in SmolLM2's
+    ``tokenizer.json`` on the hub; the tokenizer read from its GGUF has none): no digit group can be one token."""
+    if not pre:
+        return False
+    if pre.get("type") == "Sequence":
+        return any(splits_digits(p) for p in pre.get("pretokenizers", []))
+    return pre.get("type") == "Digits" and bool(pre.get("individual_digits"))
 
 
 def with_units(pre: dict, units: Sequence[str]) -> dict:
@@ -146,7 +162,7 @@ def unit_candidates(texts: Iterable[str], kinds: Sequence[str], max_phrase_words
                     if end < len(t) and (t[end].isalnum()):
                         break
                     counts["phrases"][t[run[0].start():end]] += 1
-        for kind, pattern in (("numbers", DECIMAL), ("words", HYPHENATED), ("phrases", PUNCT_WORD)):
+        for kind, pattern in (("numbers", DECIMAL), ("phrases", HYPHENATED), ("phrases", PUNCT_WORD)):
             if kind in kinds:
                 for m in pattern.finditer(t):
                     e = m.end()
@@ -180,11 +196,14 @@ def consistent_units(source_json: dict, units: dict[str, str]) -> dict[str, str]
 
 
 def kind_of(a: str, b: str) -> str:
-    """What the merge of pieces ``a`` and ``b`` spells: a phrase (a space mark inside), a number, or a word."""
+    """What the merge of pieces ``a`` and ``b`` spells: a number (a digit), a phrase (a space mark inside, or a
+    hyphen next to a letter: part of a hyphenated unit), or a word."""
     s = a + b
-    if any(m in s[1:] for m in SPACE_MARKS):
+    if any(ch.isdigit() for ch in s):
+        return "numbers"
+    if any(m in s[1:] for m in SPACE_MARKS) or re.search(r"[^\W\d_]-|-[^\W\d_]", s):
         return "phrases"
-    return "numbers" if any(ch.isdigit() for ch in s) else "words"
+    return "words"
 
 
 class Corpus:
@@ -292,6 +311,10 @@ def build(source_json: dict, train_texts: Sequence[str], dev_texts: Sequence[str
                                "expected BPE (byte-level or SentencePiece-converted)")
     reasons: list[str] = []
     units: dict[str, str] = {}
+    if "numbers" in kinds and splits_digits(source_json.get("pre_tokenizer")):
+        kinds = [k for k in kinds if k != "numbers"]
+        reasons.append("numbers: the source splits every digit into a pre-token of its own (a Digits pre-tokenizer), "
+                       "so no digit group can become one token")
     if split_regex(source_json.get("pre_tokenizer")) is not None:
         units = consistent_units(source_json, unit_candidates(train_texts, kinds, max_phrase_words, keep=2 * size))
     elif "phrases" in kinds:

@@ -10,7 +10,8 @@ spelled by source pieces ``p1 … pk``:
 1. input row: the row of ``pk``, the piece after which the source has read the whole string;
 2. output row: ``head[p1] + δ_t``, with ``δ_t`` the ridge regression (over the source's final hidden states ``h``
    on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
-   elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string;
+   elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string
+   (``output="first"``, ``domain_vocab.init_output=first``: ``head[p1]`` alone, the ablation);
 3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen) with the next-token loss
    on training windows under the new tokenization that hold a new token.
 
@@ -45,6 +46,7 @@ class ExtendSettings:
     window: int = 64
     ridge: float = 10.0  # ridge strength per 1,000 fitted positions
     seed: int = 0
+    output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
 
 
 def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
@@ -163,7 +165,10 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
         p.requires_grad_(False)
     src_emb = model.get_input_embeddings().weight.detach().float()[:v_s]
     src_head = model.get_output_embeddings().weight.detach().float()[:v_s]
-    out_new, info = output_rows(model, source_docs, pieces, src_head, s)
+    if s.output == "first":
+        out_new, info = (torch.stack([src_head[p[0]] for p in pieces]) if pieces else src_head[:0]), {"fit_positions": 0}
+    else:
+        out_new, info = output_rows(model, source_docs, pieces, src_head, s)
     emb = torch.cat([src_emb, torch.stack([src_emb[p[-1]] for p in pieces])]) if pieces else src_emb.clone()
     head = torch.cat([src_head, out_new]) if pieces else src_head.clone()
     wins = windows(target_docs, v_s, start, s.window, s.seed)

@@ -404,16 +404,27 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
     """
     if not examples:
         raise MetricsError("pubmedqa_accuracy: no examples")
-    dev = _device_of(model, device)
     mp = model_max_positions(model)
     limit = min(max_len, mp) if (max_len and mp) else (max_len or mp or 2048)
-    start = start_token_id(tokenizer)
     vocab = model_vocab_size(model)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None and 0 <= pad < vocab else 0
+    rows, truncated, answer_tokens = _pubmedqa_rows(model, tokenizer, examples, labels, fmt, limit, vocab)
+    scores = _score_pubmedqa_rows(model, rows, len(examples), len(labels), _device_of(model, device), pad,
+                                  batch_size, desc, progress)
+    return {**_pubmedqa_tally(examples, scores, labels), "truncated": truncated, "answer_tokens": answer_tokens}
 
-    # rows: (token ids, [(example, answer index, positions, targets)])
-    rows: list[tuple[list[int], list[tuple[int, int, list[int], list[int]]]]] = []
+
+# a row of the PubMedQA scoring: (token ids, [(example, answer index, positions, targets)])
+_QARow = tuple[list[int], list[tuple[int, int, list[int], list[int]]]]
+
+
+def _pubmedqa_rows(model: Any, tokenizer: Any, examples: Sequence[dict], labels: Sequence[str], fmt: str, limit: int,
+                   vocab: int) -> tuple[list[_QARow], int, dict]:
+    """Rows to score: the prompt with the longest multi-token answer appended (single-token answers read at its last
+    position), one more row per other multi-token answer; also how many prompts were cut and the answers' tokens."""
+    start = start_token_id(tokenizer)
+    rows: list[_QARow] = []
     truncated, answer_tokens = 0, {}
     for ei, ex in enumerate(examples):
         for key in ("question", "context", "label"):
@@ -442,22 +453,23 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
         check_token_range(base + [t for a in a_ids for t in a], vocab, model, tokenizer)
         last = len(base) - 1
         multi = sorted((ai for ai in range(len(a_ids)) if len(a_ids[ai]) > 1), key=lambda ai: -len(a_ids[ai]))
-        first_row_ans = multi[0] if multi else None
-        q0 = []
-        for ai, a in enumerate(a_ids):
-            if len(a) == 1:
-                q0.append((ei, ai, [last], a))
-        if first_row_ans is not None:
-            a = a_ids[first_row_ans]
-            q0.append((ei, first_row_ans, list(range(last, last + len(a))), a))
+        q0 = [(ei, ai, [last], a) for ai, a in enumerate(a_ids) if len(a) == 1]
+        if multi:
+            a = a_ids[multi[0]]
+            q0.append((ei, multi[0], list(range(last, last + len(a))), a))
             rows.append((base + a, q0))
         else:
             rows.append((base, q0))
         for ai in multi[1:]:
             a = a_ids[ai]
             rows.append((base + a, [(ei, ai, list(range(last, last + len(a))), a)]))
+    return rows, truncated, answer_tokens
 
-    scores = [[0.0] * len(answers) for _ in examples]
+
+def _score_pubmedqa_rows(model: Any, rows: list[_QARow], n_examples: int, n_answers: int, dev: Any, pad: int,
+                         batch_size: int, desc: str, progress: bool) -> list[list[float]]:
+    """Summed log-probability of every answer of every example (longest rows first, in batches)."""
+    scores = [[0.0] * n_answers for _ in range(n_examples)]
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
@@ -468,9 +480,7 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
             for b in range(0, len(order), batch_size):
                 chunk = [rows[r] for r in order[b : b + batch_size]]
                 # one query list per row: concatenate that row's answer queries
-                per_row = []
-                for _, qs in chunk:
-                    per_row.append(([p for q in qs for p in q[2]], [t for q in qs for t in q[3]]))
+                per_row = [([p for q in qs for p in q[2]], [t for q in qs for t in q[3]]) for _, qs in chunk]
                 lps = score_rows(model, [c[0] for c in chunk], per_row, device=dev, pad_id=pad)
                 for (_, qs), lp in zip(chunk, lps):
                     k = 0
@@ -482,14 +492,17 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
         bar.close()
         if was_training and hasattr(model, "train"):
             model.train()
+    return scores
 
+
+def _pubmedqa_tally(examples: Sequence[dict], scores: list[list[float]], labels: Sequence[str]) -> dict:
+    """Predictions (ties: the earlier label), accuracy and the counts per label."""
     preds, correct = [], 0
     label_counts = {lab: 0 for lab in labels}
     pred_counts = {lab: 0 for lab in labels}
     label_correct = {lab: 0 for lab in labels}
     for ex, sc in zip(examples, scores):
-        best = max(range(len(labels)), key=lambda i: (sc[i], -i))  # ties: the earlier label
-        pred = labels[best]
+        pred = labels[max(range(len(labels)), key=lambda i: (sc[i], -i))]
         ok = pred == ex["label"]
         correct += ok
         label_counts[ex["label"]] += 1
@@ -497,18 +510,10 @@ def pubmedqa_accuracy(model: Any, tokenizer: Any, examples: Sequence[dict], *, d
         label_correct[ex["label"]] += ok
         preds.append({"id": ex.get("id"), "label": ex["label"], "pred": pred,
                       "logprobs": {lab: s for lab, s in zip(labels, sc)}})
-    return {
-        "accuracy": correct / len(examples),
-        "n": len(examples),
-        "correct": correct,
-        "label_counts": label_counts,
-        "pred_counts": pred_counts,
-        "per_label_accuracy": {lab: (label_correct[lab] / label_counts[lab] if label_counts[lab] else None)
-                               for lab in labels},
-        "truncated": truncated,
-        "answer_tokens": answer_tokens,
-        "predictions": preds,
-    }
+    return {"accuracy": correct / len(examples), "n": len(examples), "correct": correct, "label_counts": label_counts,
+            "pred_counts": pred_counts, "predictions": preds,
+            "per_label_accuracy": {lab: (label_correct[lab] / label_counts[lab] if label_counts[lab] else None)
+                                   for lab in labels}}
 
 
 def _read_json(path: Any, what: str) -> Any:

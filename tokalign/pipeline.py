@@ -78,7 +78,8 @@ STAGES: list[Stage] = [
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed"),
-          keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr")
+          keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr",
+                             "domain_vocab.init_output")
           if "extend" in cfg.init_methods else ()),
     Stage("evaluate_source", evaluate.run_source, ("corpus", "source"), ("eval", "hardware.dtype", "seed")),
     Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "align", "init", "evaluate_source"),

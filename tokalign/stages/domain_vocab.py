@@ -50,13 +50,17 @@ def _per_kind(saved: Sequence[int], merges: Sequence[D.Merge], total: int) -> di
 
 
 def _examples(src: Any, tok: Any, built: D.Built, k: int = 4) -> list[dict]:
-    """A few new tokens of each kind, as the source and the domain tokenizer split them."""
+    """The ``k`` new tokens of each kind that save the most on the training split and are one token on their own
+    (a piece of a longer unit, ``'0.'`` of ``' 0.05'``, is not), as the source and the domain tokenizer split them."""
     rows = []
     for kind in D.KINDS:
-        shown = [m for m in built.merges if m.kind == kind][:k]
-        for m in shown:
+        shown = 0
+        for m in sorted((m for m in built.merges if m.kind == kind), key=lambda m: -m.saved_train):
             text = tok.convert_tokens_to_string([m.a + m.b])
-            rows.append({"kind": kind, "text": text, "source": src.tokenize(text), "domain": tok.tokenize(text)})
+            if shown < k and len(tok.tokenize(text)) == 1 < len(src.tokenize(text)):
+                rows.append({"kind": kind, "text": text, "source": src.tokenize(text), "domain": tok.tokenize(text),
+                             "saved_train": m.saved_train})
+                shown += 1
     return rows
 
 

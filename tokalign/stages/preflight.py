@@ -73,6 +73,12 @@ def check_export(cfg: Config) -> dict:
     an error now, not after hours of training (``export.enabled=false`` or ``export.gguf_types=[]`` skip it)."""
     if not (cfg.export.enabled and cfg.export.gguf_types):
         return {}
+    crossing = [k for k in cfg.domain_vocab.kinds if k != "words"] if cfg.is_domain_vocab() else []
+    if crossing:
+        raise PreflightError(f"preflight: export.gguf_types={list(cfg.export.gguf_types)} with target_tokenizer=domain "
+                             f"and domain_vocab.kinds={list(cfg.domain_vocab.kinds)}: {' and '.join(crossing)} change "
+                             "the pre-tokenizer, which llama.cpp fixes per model family, so a GGUF would tokenize "
+                             "differently; set domain_vocab.kinds=[words] or export.gguf_types=[]")
     from tokalign import llamacpp
 
     try:
