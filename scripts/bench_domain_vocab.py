@@ -27,7 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokalign.cli import compose_cli  # noqa: E402
 from tokalign.pipeline import STAGES, run_pipeline  # noqa: E402
 
+PROBES = (" 2009", " p < 0.001", " patients with", " follow-up", " preoperative", " of theory", " 0.051", " endotracheal",
+          " PREOPERATIVE DIAGNOSIS")  # strings shown split by the source and by each domain tokenizer
 KINDS = {"all": "[words,numbers,phrases]", "words": "[words]", "numbers": "[numbers]", "phrases": "[phrases]"}
+
+
+def _probes(source_dir: Path, domain_dir: Path) -> list[dict]:
+    from tokalign.refs import load_tokenizer
+
+    src, dom = load_tokenizer(str(source_dir)), load_tokenizer(str(domain_dir))
+    return [{"text": t, "source": src.tokenize(t), "domain": dom.tokenize(t)} for t in PROBES]
 
 
 def one(size: int, kinds: str, overrides: list[str], cache: str) -> dict:
@@ -38,10 +47,12 @@ def one(size: int, kinds: str, overrides: list[str], cache: str) -> dict:
     with tempfile.TemporaryDirectory() as run:
         summary = run_pipeline(cfg, Path(run), stages=stages)
         report = json.loads((Path(summary["stages"]["domain_vocab"]["path"]) / "report.json").read_text())
+        probes = _probes(Path(summary["stages"]["source"]["path"]) / "model",
+                         Path(summary["stages"]["domain_vocab"]["path"]) / "tokenizer")
     return {"size": size, "kinds": kinds, "added": report["added"], "saved_eval": report["saved_share"]["eval"],
             "saved_dev": report["saved_share"]["dev"], "by_kind_eval": report["saved_share_by_kind"]["eval"],
             "tokens_per_document_eval": report["tokens_per_document"].get("eval"),
-            "documents": report["documents"], "examples": report["examples"], "seconds": round(time.time() - t0, 1)}
+            "documents": report["documents"], "examples": report["examples"], "probes": probes, "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
