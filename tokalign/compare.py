@@ -3,7 +3,9 @@
     python -m tokalign.compare multirun/2026-11-22/10-00-00            # table + compare.csv + compare.png
     python -m tokalign.compare multirun/2026-11-22/10-00-00 --wandb offline   # also a wandb.Table in the sweep's group
 
-One row per job: its overrides, bits per byte at every stage, PubMedQA accuracy, seconds per stage.
+One row per job: its overrides, bits per byte at every stage, PubMedQA accuracy, the dev split's recovery-curve
+points (``stage<k>/eval_bpb``, ``recovery/last_ratio_to_source``: choose on these), seconds per stage. Paired
+intervals between jobs on the evaluation documents: ``python scripts/bench_recovery.py --runs a=<job dir> b=...``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 METRIC_COLUMNS = ("bpb/source", "bpb/init/tokalign", "bpb/init/fvt", "bpb/stage1", "bpb/stage2",
-                  "pubmedqa/acc/source", "pubmedqa/acc/stage2")
+                  "pubmedqa/acc/source", "pubmedqa/acc/stage2",
+                  # the dev split (choose settings on these, not on the evaluation documents): the recovery curve's
+                  # last point of each stage and its ratio to the source on the same dev documents
+                  "stage1/eval_bpb", "stage2/eval_bpb", "recovery/last_ratio_to_source")
 
 
 def _overrides(job: Path) -> str:
