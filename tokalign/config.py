@@ -31,7 +31,10 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   ``eval.pubmedqa_format="context"`` (highest macro-F1 of the three formats on 90 questions; ``chat``
   had higher accuracy only by answering "yes" to 88 of 90, the majority class);
 * taken from the TokAlign paper, not tuned here: ``similarity_threshold``, ``pivot_count`` (research),
-  ``lr_stage1``/``lr_stage2`` (research), the fastText settings of the research modes;
+  ``lr_stage2`` (research), the fastText settings of the research modes;
+* ``lr_stage1=5e-5`` in ``mode=research`` (the paper's 6.4e-4 before): the dev split's recovery curve of the sweep
+  ``lr_stage1=2e-5,5e-5,6.4e-4 train.objective=lm,distill`` (32 CPU steps; README "The stage-1 learning rate",
+  ``scripts/results/lr_sweep_cpu.json``);
 * rules stated up front, not tuned: ``alignment.min_precision=0.5`` (align a token only where held-out
   gold pairs are found at least half the time), ``alignment.special_match="role"`` (asked for by an
   earlier issue), ``alignment.seen_scale=1.0`` (no scaling), CSLS scoring (less hubness, measured on
