@@ -142,6 +142,7 @@ def _keep_converted(tok: Any, where: Path) -> None:
     """Save into a private folder, then rename it into place: a reader sees a whole folder or none."""
     tmp = where.with_name(f"{where.name}.tmp{os.getpid()}")
     try:
+        where.parent.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(tmp))
         os.replace(tmp, where)
     except OSError as e:  # another process won the race, or the cache folder is not writable: convert next time
@@ -174,7 +175,6 @@ def _gguf_tokenizer(p: Path, ref: str, trust_remote_code: bool) -> Any:
     else:
         tok = _convert_gguf_tokenizer(p, ref, trust_remote_code)
         if where is not None:
-            where.parent.mkdir(parents=True, exist_ok=True)
             _keep_converted(tok, where)
     tok.name_or_path = ref  # errors name the user's file, not the kept folder
     return tok
