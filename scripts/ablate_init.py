@@ -29,6 +29,7 @@ VARIANTS = {  # name: (what it changes, overrides)
     "ours": ("the default", []),
     "- special tokens by role": ("special tokens as gold matches or FVT, like other tokens",
                                  ["alignment.special_match=none"]),
+    "- pieces weighed by bytes": ("new rows are FVT's plain mean of their pieces", ["alignment.piece_weights=mean"]),
     "- unseen row scale": ("no shrinking of rows of tokens the corpus never produced", ["alignment.unseen_scale=1.0"]),
     "- similarity alignment": ("nothing aligned by similarity (threshold 1)", ["similarity_threshold=1.0"]),
     "- precision guard": ("align by threshold alone, as the published rule", ["alignment.min_precision=0.0"]),

@@ -311,6 +311,14 @@ def test_fvt_rows_and_compose_rows():
     np.testing.assert_allclose(rows[1], (m[0] + m[1]) / 2, rtol=1e-6)
     np.testing.assert_allclose(rows[2], m.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(rows[3], (2 * m[4] + m[5]) / 3, rtol=1e-6)
+    nbytes = np.array([1.0, 3.0, 2.0, 0, 1.0, 4.0, 0, 0, 0, 0])  # a weight per source row (its length in bytes)
+    lean, _ = A.fvt_rows(m, indptr, indices, piece_weight=nbytes)
+    np.testing.assert_allclose(lean[0], m[2], rtol=1e-6)  # one piece: the piece
+    np.testing.assert_allclose(lean[1], (1 * m[0] + 3 * m[1]) / 4, rtol=1e-6)
+    np.testing.assert_allclose(lean[2], m.mean(axis=0), rtol=1e-5)  # no pieces: the fill
+    np.testing.assert_allclose(lean[3], (1 * m[4] + 1 * m[4] + 4 * m[5]) / 6, rtol=1e-6)
+    zero, _ = A.fvt_rows(m, np.array([0, 2]), np.array([3, 6]), piece_weight=nbytes)  # all weights 0: plain mean
+    np.testing.assert_allclose(zero[0], (m[3] + m[6]) / 2, rtol=1e-6)
     src = np.array([[7, -1], [3, 8], [-1, -1], [9, 1]])
     w = np.array([[1.0, 0.0], [0.75, 0.25], [0.0, 0.0], [0.5, 0.5]], dtype=np.float32)
     blend = np.array([0.0, 0.0, 1.0, 0.5], dtype=np.float32)

@@ -130,7 +130,7 @@ def test_align_and_init_stages_on_synthetic_inputs(tmp_path, tied):
     src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
     ctx = write_inputs(tmp_path, src_tok, tgt_tok, tied)
     cfg = config(pivot_count=12, alignment={"scoring": "csls", "csls_k": 5, "block_size": 16, "min_precision": 0.0,
-                                            "unseen_scale": 1.0})
+                                            "unseen_scale": 1.0, "piece_weights": "mean"})  # ours' fallback = FVT
     m_align, m_init = run_align_init(tmp_path, ctx, cfg)
 
     # --- align artifacts
@@ -273,6 +273,14 @@ def test_build_rows_methods():
     assert np.array_equal(ta[0], base[4]) and np.array_equal(ta[3], base[0]) and np.array_equal(ta[5], base[2])
     np.testing.assert_allclose(ta[1], 0.5 * (0.6 * base[1] + 0.4 * base[2]) + 0.5 * fvt[1], rtol=1e-5)
     np.testing.assert_allclose(ta[2], fvt[2], rtol=1e-6)
+    byte_len = np.array([1.0, 3.0, 2.0, 4.0, 0.0])  # per source token
+    lean, _ = init.build_rows("tokalign", e, al, seed=0, piece_weight=byte_len)  # ours' FVT rows weigh pieces by bytes
+    np.testing.assert_allclose(lean[2], (1 * base[0] + 2 * base[2]) / 3, rtol=1e-5)
+    np.testing.assert_allclose(lean[1], 0.5 * (0.6 * base[1] + 0.4 * base[2]) + 0.5 * (3 * base[1] + 4 * base[3]) / 7,
+                               rtol=1e-5)  # an aligned row's FVT blend is weighted too
+    assert np.array_equal(lean[[0, 3, 5]], ta[[0, 3, 5]])  # gold and special rows are untouched
+    lean_fvt, _ = init.build_rows("fvt", e, al, seed=0, piece_weight=byte_len)
+    assert np.array_equal(lean_fvt, fvt)  # the published FVT is never changed
     one, info = init.build_rows("tokalign_1to1", e, al, seed=0, source_special=np.array([1, 0, 0, 0, 0], bool))
     assert info["random_rows"] == 2
     assert np.array_equal(one[[0, 1, 3, 5]], base[[4, 3, 0, 2]])
@@ -337,7 +345,7 @@ def test_precision_guard_and_row_scale(tmp_path):
         ctx = write_inputs(root, src_tok, tgt_tok, tied=True, vectors=mode)
         cfg = config(pivot_count=40, similarity_threshold=-1.0,
                      alignment={"scoring": "csls", "csls_k": 5, "min_precision": 0.6, "unseen_scale": 0.5,
-                                "seen_scale": 0.9, "special_match": "name"})
+                                "seen_scale": 0.9, "special_match": "name", "piece_weights": "mean"})
         m_align, _ = run_align_init(root, ctx, cfg)
         results[mode] = (m_align, dict(np.load(root / "align" / "alignment.npz")), root)
     m, z, root = results["planted_all"]

@@ -714,14 +714,24 @@ def fvt_decompose(target: Vocab, source: Vocab, source_tok: Any, gold: Optional[
 
 
 def fvt_rows(matrix: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-             fill: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+             fill: Optional[np.ndarray] = None, piece_weight: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """Mean of the source rows of each target's pieces ([V_t, h] float32); rows without pieces get
-    ``fill`` (default: the mean source row). Returns (rows, number filled)."""
+    ``fill`` (default: the mean source row). Returns (rows, number filled).
+
+    ``piece_weight`` (one non-negative weight per source token, e.g. its length in bytes) makes each row the
+    weighted mean of its pieces' rows instead (a token whose pieces all weigh 0 takes the plain mean)."""
     from scipy import sparse
 
     n = len(indptr) - 1
     lens = np.diff(indptr)
-    data = np.repeat(1.0 / np.maximum(lens, 1), lens)
+    data = np.repeat(1.0 / np.maximum(lens, 1), lens)  # the plain mean
+    if piece_weight is not None:
+        raw = np.asarray(piece_weight, dtype=np.float64)[indices]
+        total, nonempty = np.zeros(n), lens > 0
+        if nonempty.any():
+            total[nonempty] = np.add.reduceat(raw, indptr[:-1][nonempty])
+        total_of = np.repeat(total, lens)
+        data = np.where(total_of > 0, raw / np.maximum(total_of, 1e-300), data)
     w = sparse.csr_matrix((data, indices, indptr), shape=(n, matrix.shape[0]))
     rows = np.asarray(w @ matrix.astype(np.float64), dtype=np.float32)
     empty = lens == 0

@@ -77,7 +77,7 @@ STAGES: list[Stage] = [
           keys_if=lambda cfg: ("seed",) if cfg.embed.max_tokens > 0 else ()),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
                                                                  "seed")),
-    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed"),
+    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed", "alignment.piece_weights"),
           keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr",
                              "domain_vocab.init_output")
           if "extend" in cfg.init_methods else ()),

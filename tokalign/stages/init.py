@@ -26,7 +26,9 @@ treatment from the source head's rows; a tied model stays tied):
 * ``tokalign``: ours, from ``align/alignment.npz``: special tokens by role, gold copies, confident
   alignments (``src``/``weight`` rows, blended with FVT by ``blend``), FVT for the rest (or FOCUS/OMP rows
   where ``alignment.new_rows`` says so), new rows of tokens the corpus never produced scaled by
-  ``alignment.unseen_scale``.
+  ``alignment.unseen_scale``. Its piece compositions weigh each piece by its length in bytes
+  (``alignment.piece_weights=bytes``): every byte of the new token counts the same, so a one-letter fragment
+  does not weigh as much as the word stem it follows.
   With a target tokenizer identical to the source one it is a bit-for-bit copy.
 
 Every method, the baselines included, gives the target's document-start token (``metrics.start_token_id``:
@@ -99,6 +101,15 @@ def load_alignment(path: Path, target_vocab: int) -> dict[str, np.ndarray]:
     return arrays
 
 
+def piece_byte_weights(src_tok: Any, v_s: int) -> np.ndarray:
+    """Each source token's length in bytes (its canonical bytes; special tokens 0), the weights of ours' piece
+    compositions under ``alignment.piece_weights=bytes``."""
+    from tokalign.distill import token_bytes
+
+    lengths = np.array([len(b) for b in token_bytes(src_tok)], dtype=np.float64)
+    return np.pad(lengths, (0, max(0, v_s - len(lengths))))[:v_s]
+
+
 def source_special_mask(source_vocab: int, roles: dict, special_ids: Optional[list] = None) -> np.ndarray:
     mask = np.zeros(source_vocab, dtype=bool)
     for i in list(roles.values()) + list(special_ids or []):
@@ -108,12 +119,14 @@ def source_special_mask(source_vocab: int, roles: dict, special_ids: Optional[li
 
 
 def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, seed: int, salt: int = 0,
-               source_special: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict[str, int]]:
+               source_special: Optional[np.ndarray] = None,
+               piece_weight: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict[str, int]]:
     """Rows [V_t, hidden] float32 of one method from one source matrix (input embedding or head).
 
     ``matrix`` may have more rows than the source vocabulary (a padded embedding); only the first
     ``source_vocab`` rows are used for means and random picks. ``salt`` separates the random streams
-    of the input embedding (0) and the output head (1).
+    of the input embedding (0) and the output head (1). ``piece_weight`` (one per source token): ours' piece
+    compositions are means weighted by it (``alignment.piece_weights=bytes``); the published ``fvt`` never is.
     """
     n_t = al["how"].shape[0]
     v_s = int(al["source_vocab"])
@@ -141,6 +154,8 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
         info["random_rows"] = int(unseen.sum())
         return base[choice].copy(), info
     if method == "tokalign":
+        if piece_weight is not None:
+            fvt, _ = A.fvt_rows(base, al["fvt_indptr"], al["fvt_indices"], fill=mean_row, piece_weight=piece_weight)
         rows = A.compose_rows(base, al["src"], al["weight"], al["blend"], fvt)
         scale = al.get("scale")
         if scale is not None:
@@ -250,6 +265,7 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
         raise InitInputError(f"{align_dir / 'alignment.npz'}: key 'source_vocab' is {v_s} but the source model "
                              f"has only {emb.shape[0]} embedding rows")
     special = source_special_mask(v_s, refs.special_token_roles(src_tok), getattr(src_tok, "all_special_ids", []))
+    weights = piece_byte_weights(src_tok, v_s) if cfg.alignment.piece_weights == "bytes" else None
 
     start = (M.start_token_id(tok), M.start_token_id(src_tok))  # (target, source) document-start tokens
     (out / "rows").mkdir(parents=True, exist_ok=True)
@@ -263,12 +279,12 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
             if m == primary:
                 primary_rows = (e_rows, h_rows)
             continue
-        e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special)
+        e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special, piece_weight=weights)
         same_start(e_rows, emb, start)
         tensors = {"embed": np.ascontiguousarray(e_rows)}
         h_rows = None
         if not tied:
-            h_rows, _ = build_rows(m, head, al, seed=cfg.seed, salt=1, source_special=special)
+            h_rows, _ = build_rows(m, head, al, seed=cfg.seed, salt=1, source_special=special, piece_weight=weights)
             same_start(h_rows, head, start)
             tensors["lm_head"] = np.ascontiguousarray(h_rows)
         save_file(tensors, str(out / "rows" / f"{m}.safetensors"))
