@@ -17,8 +17,9 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   mean against it on the 66 dev abstracts of three target families, mean minus bytes: Qwen2 1.1413 - 1.1264 = +0.0150
   [+0.0118, +0.0184], Llama-3 +0.0157 [+0.0122, +0.0195], Llama-2 SPM +0.0026 [+0.0006, +0.0047]
   bits per byte; a rule with no constant, taken because it held on all three; ``unseen_scale`` above and ``new_rows``
-  below were chosen earlier, with the plain mean; ``python scripts/tune_dev.py --key alignment.piece_weights --values mean,bytes --overrides
-  "target_tokenizer=${assets:tokenizers/ggml-vocab-<family>.gguf}"``, ``scripts/results/tune_piece_weights_*.json``);
+  below were chosen earlier, with the plain mean; ``python scripts/tune_dev.py --key alignment.piece_weights
+  --values mean,bytes --overrides "target_tokenizer=${assets:tokenizers/ggml-vocab-<family>.gguf}"``,
+  ``scripts/results/tune_piece_weights_*.json``);
   ``alignment.new_rows="fvt"`` (ours keeps FVT rows for new tokens with a vector: on the 66 dev abstracts fvt
   1.1413, focus +0.0408 [+0.0315, +0.0507], omp +0.1981 [+0.1727, +0.2280] bits per byte; ``python
   scripts/tune_dev.py --key alignment.new_rows --values fvt,focus,omp``, ``scripts/results/tune_new_rows.json``;
