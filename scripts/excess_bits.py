@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokalign import metrics as M  # noqa: E402
 from tokalign import refs  # noqa: E402
 from tokalign.artifacts import read_texts  # noqa: E402
+from tokalign.stages.align import HOW_SPECIAL  # noqa: E402
 from tokalign.stages.evaluate import apply_rows  # noqa: E402
 
 
@@ -58,7 +59,9 @@ def token_bits(model, tok, text: str, max_tokens: int) -> tuple[np.ndarray, list
     ids = enc["input_ids"][:max_tokens]
     ends = [len(text[:e].encode("utf-8")) for _, e in enc["offset_mapping"][:max_tokens]]
     start = M.start_token_id(tok)
-    x = torch.tensor([([start] if start is not None else []) + ids])
+    if start is None:  # without a context token the first token has no prediction to score
+        sys.exit(f"excess_bits: {getattr(tok, 'name_or_path', 'tokenizer')} has no start token to score after")
+    x = torch.tensor([[start] + ids])
     with torch.no_grad():
         logp = torch.log_softmax(model(x).logits[0].float(), dim=-1)[-len(ids) - 1:-1]
     bits = -logp.gather(1, torch.tensor(ids)[:, None])[:, 0].numpy() / math.log(2)
@@ -97,7 +100,7 @@ def main() -> None:
     src_scored = [token_bits(src, src_tok, t, a.max_tokens) for t in texts]
     tok = refs.load_tokenizer(str(stages["tokenize"] / "target_tokenizer"))
     z = np.load(stages["align"] / "alignment.npz")
-    new = (z["gold"] < 0) & (z["how"] != 3)  # how 3: special tokens by role
+    new = (z["gold"] < 0) & (z["how"] != HOW_SPECIAL)
     model = refs.load_model(str(stages["init"] / "model"), dtype="float32").eval()
     result = {"run": a.run, "docs": len(texts), "methods": {}}
     for m in a.methods:

@@ -139,7 +139,8 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
     mean_row = base.mean(axis=0, dtype=np.float64).astype(np.float32)
     if method == "mean":
         return np.broadcast_to(mean_row, (n_t, base.shape[1])).copy(), info
-    fvt, n_empty = A.fvt_rows(base, al["fvt_indptr"], al["fvt_indices"], fill=mean_row)
+    weights = piece_weight if method == "tokalign" else None  # the published methods keep FVT's plain mean
+    fvt, n_empty = A.fvt_rows(base, al["fvt_indptr"], al["fvt_indices"], fill=mean_row, piece_weight=weights)
     info["fvt_empty"] = n_empty
     if method == "fvt":
         return fvt, info
@@ -154,8 +155,6 @@ def build_rows(method: str, matrix: np.ndarray, al: dict[str, np.ndarray], *, se
         info["random_rows"] = int(unseen.sum())
         return base[choice].copy(), info
     if method == "tokalign":
-        if piece_weight is not None:
-            fvt, _ = A.fvt_rows(base, al["fvt_indptr"], al["fvt_indices"], fill=mean_row, piece_weight=piece_weight)
         rows = A.compose_rows(base, al["src"], al["weight"], al["blend"], fvt)
         scale = al.get("scale")
         if scale is not None:
