@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,24 @@ SMALL = [
 def shared_cache(tmp_path_factory) -> Path:
     need_assets()
     return tmp_path_factory.mktemp("cache")
+
+
+# Stages whose cache entries hold model weights: 0.5-3 GB each on the Qwen2 vocabulary (every init method's rows).
+WEIGHT_STAGES = ("init", "train_stage1", "train_stage2", "adapters", "export", "export_gguf")
+
+
+@pytest.fixture(autouse=True)
+def _drop_weights_from_shared_cache(request):
+    """After each test that used the session cache, drop its entries that hold model weights, so the suite's disk use
+    stays that of one run (about 5 GB), not the sum of all of them; the next test that needs one recomputes it."""
+    root = request.getfixturevalue("shared_cache") if "shared_cache" in request.fixturenames else None
+    yield
+    if root is None:
+        return
+    for stage in WEIGHT_STAGES:
+        for entry in (root / stage).glob("*"):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def tokalign(*args: str, cache: Path, run_dir: Path, env: dict | None = None, timeout: int = 1500,

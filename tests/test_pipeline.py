@@ -181,3 +181,23 @@ def test_a_stage_reading_an_undeclared_or_skipped_input_gets_a_named_error(tmp_p
 
     s = run_pipeline(_cfg(tmp_path), tmp_path / "r3", stages=[skipped, Stage("b", optional, ("a",))])
     assert s["metrics"]["b/ok"] == 1
+
+
+def test_an_init_only_alignment_key_rebuilds_the_rows_not_the_alignment():
+    """``alignment.piece_weights`` is read by stage init alone: changing it keeps align's cache key; every other
+    alignment key (here the scoring and the unseen-row scale) still changes it."""
+    from tokalign.config import AlignmentConfig
+
+    stages = {st.name: st for st in STAGES}
+    ups = {n: f"{n}0" for n in ("tokenize", "embed", "source")}
+
+    def keys(**al):
+        cfg = Config(source_model="s", target_tokenizer="t", corpus="c", alignment=AlignmentConfig(**al))
+        a = stage_key(stages["align"], cfg, ups)
+        return a, stage_key(stages["init"], cfg, {**ups, "align": a})
+
+    base = keys()
+    bytes_vs_mean = keys(piece_weights="mean")
+    assert bytes_vs_mean[0] == base[0] and bytes_vs_mean[1] != base[1]
+    for other in ({"scoring": "cos"}, {"unseen_scale": 0.5}):
+        assert keys(**other)[0] != base[0], other

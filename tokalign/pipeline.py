@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,7 +31,7 @@ from tokalign import cache
 from tokalign.context import Context
 from tokalign.distributed import launched
 from tokalign.modelfacts import free_memory
-from tokalign.config import Config
+from tokalign.config import AlignmentConfig, Config
 from tokalign.stages import (adapters, align, corpus, domain_vocab, embed, evaluate, export, init, instruct, preflight,
                              source, terms, tokenize, train)
 from tokalign.tracking import NullTracker
@@ -59,6 +59,10 @@ def _curve_keys(cfg: Config) -> tuple[str, ...]:
     return ("eval.max_eval_samples", "eval.max_doc_bytes", "eval.seq_len", "eval.stride") if cfg.train.eval_steps > 0 else ()
 
 
+# Alignment keys that only stage init reads: changing one rebuilds the rows, never the alignment itself.
+INIT_ONLY_ALIGNMENT_KEYS = ("piece_weights",)
+ALIGN_KEYS = tuple(f"alignment.{f.name}" for f in fields(AlignmentConfig) if f.name not in INIT_ONLY_ALIGNMENT_KEYS)
+
 # name            run                     reads                               config keys (the cache key)
 STAGES: list[Stage] = [
     Stage("preflight", preflight.run, (), ("hardware", "preflight", "cache_dir", "export",
@@ -75,7 +79,7 @@ STAGES: list[Stage] = [
     Stage("terms", terms.run, ("corpus", "source", "tokenize"), ("terms", "corpus_text_field")),
     Stage("embed", embed.run, ("tokenize",), ("embed",),  # seed: the documents sampled under embed.max_tokens
           keys_if=lambda cfg: ("seed",) if cfg.embed.max_tokens > 0 else ()),
-    Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", "alignment",
+    Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", *ALIGN_KEYS,
                                                                  "seed")),
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed", "alignment.piece_weights"),
           keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr",
