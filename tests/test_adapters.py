@@ -155,6 +155,24 @@ def test_decisions_are_read_at_the_first_response_token_and_scored():
     assert g["rougeL"] == pytest.approx(1.0) and g["bleu"] == pytest.approx(100.0)
 
 
+def test_the_accuracy_change_is_paired_over_the_questions_both_models_answered():
+    labels = ["yes", "no", None, "yes", "maybe", "no"] * 5
+    base = {"scores": {"test": [{"pred": p} for p in ["no", "no", "yes", "no", "yes", None] * 5]}}
+    adapter = {"scores": {"test": [{"pred": p} for p in ["yes", "no", "no", "yes", "yes", "no"] * 5]}}
+    c = adapters_stage.compare_decisions(labels, adapter, base, seed=0)
+    assert c["n"] == 20  # no label or no base prediction: left out
+    assert c["delta"] == pytest.approx((15 - 5) / 20)  # adapter right on 15 of 20, base on 5
+    assert 0 < c["ci95"][0] <= c["delta"] <= c["ci95"][1] and c["verdict"] == "adapter beats base"
+    assert adapters_stage.compare_decisions([None] * 3, adapter, base, seed=0) is None
+    m = adapters_stage.domain_metrics({"domain": "d", "adapter": {"loss": {"test": 1.0, "validation": 1.0},
+                                                                   "ppl": {"test": 2.7}, "decisions": {}, "generation": {}},
+                                       "base": {"loss": {"test": 1.1}, "decisions": {}, "generation": {}},
+                                       "test_loss_change": {"delta": -0.1, "ci95": [-0.2, -0.05], "verdict": "v"},
+                                       "train": {"train_loss": 1.0, "train_tokens": 10},
+                                       "decision_accuracy_change": c})
+    assert m["adapters/d/decision_accuracy_change"] == c["delta"] and m["adapters/d/decision_accuracy_change/ci95"] == c["ci95"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the stage, in-process on a tiny model
 
@@ -237,7 +255,9 @@ def test_demo_trains_one_adapter_per_domain_and_exports_one_merged(shared_cache,
         r = json.loads((run / "stages" / "adapters" / d / "report.json").read_text())
         assert r["train"]["steps"] == 4 and r["sizes"]["test"] >= 2
         assert r["adapter"]["loss"]["test"] == pytest.approx(m[f"adapters/{d}/test_loss"])
-        assert r["base"]["decisions"]["n"] == r["sizes"]["test"]
+        assert r["base"]["decisions"]["n"] == r["sizes"]["test"] == r["decision_accuracy_change"]["n"]
+        lo, hi = r["decision_accuracy_change"]["ci95"]
+        assert lo <= r["decision_accuracy_change"]["delta"] <= hi
         assert (run / "stages" / "adapters" / d / "adapter_config.json").is_file()
     assert (run / "adapters_matrix.png").is_file()
     export = json.loads((run / "stages" / "export" / "export.json").read_text())

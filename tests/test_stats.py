@@ -102,3 +102,19 @@ def test_stratified_sample_gives_each_label_its_share():
             assert abs(counts[lab] - n * len(pool) / 500) < 1.0  # largest remainder: within one of the exact share
     assert stratified_sample(ids, 30, seed=3) == stratified_sample(ids, 30, seed=3)
     assert stratified_sample(ids, 30, seed=3) != stratified_sample(ids, 30, seed=4)
+
+
+def test_paired_accuracy_difference_sees_a_consistent_gain_that_unpaired_intervals_miss():
+    """60 questions: B right on 30, A right on the same 30 and 8 more. Unpaired Wilson intervals overlap; the paired
+    interval of A - B excludes zero. Equal answers give a zero-width interval at 0."""
+    b = np.array([True] * 30 + [False] * 30)
+    a = b.copy()
+    a[30:38] = True
+    diff, (lo, hi) = stats.paired_accuracy_difference(a, b)
+    assert diff == pytest.approx(8 / 60) and 0 < lo < diff < hi
+    wa, wb = stats.proportion_interval(38, 60), stats.proportion_interval(30, 60)
+    assert wa[0] < wb[1]  # the unpaired intervals overlap
+    assert stats.verdict("B", "A", [lo, hi]) == "A beats B"
+    assert stats.paired_accuracy_difference(b, b) == (0.0, [0.0, 0.0])
+    with pytest.raises(ValueError, match="one length"):
+        stats.paired_accuracy_difference(a, b[:5])

@@ -63,6 +63,20 @@ def paired_bpb_difference(bits_a: Sequence[float], bits_b: Sequence[float], nbyt
     return float(_diff_ratio(a, b, n)), _interval((a, b, n), _diff_ratio, seed)
 
 
+def _mean_diff(a, b, axis=-1):
+    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+
+
+def paired_accuracy_difference(correct_a: Sequence[bool], correct_b: Sequence[bool],
+                               seed: int = 0) -> tuple[float, list[float]]:
+    """(accuracy(A) - accuracy(B), its paired 95% bootstrap interval) over the same questions, ``correct_x[i]``
+    whether model X answered question ``i`` right (positive: A is better)."""
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"per-question arrays must be non-empty and of one length, got {a.shape} and {b.shape}")
+    return float(_mean_diff(a, b)), _interval((a, b), _mean_diff, seed)
+
+
 def verdict(a: str, b: str, ci: Sequence[float]) -> str:
     """What may be said of ``bpb(a) - bpb(b)`` with interval ``ci`` (lower bits per byte is better)."""
     if ci[1] < 0:

@@ -10,7 +10,8 @@ QLoRA the merged base is saved once (``_base/``) and reloaded in 4-bit NF4. Per 
   ``<domain>/`` (``adapter_config.json``, ``adapter_model.safetensors``, the tokenizer) and ``<domain>/report.json``:
   split sizes, train loss and tokens, validation and test loss and perplexity of the adapter and of the base, the
   test loss change with a paired 95% interval over test records, decision accuracy and macro-F1 (PubMedQA's
-  yes/no/maybe: the label whose first token ranks highest), ROUGE-L and BLEU of greedy generations on the first
+  yes/no/maybe: the label whose first token ranks highest) and the accuracy change with a paired bootstrap interval
+  over the test questions, ROUGE-L and BLEU of greedy generations on the first
   ``adapters.gen_samples`` test records, and the adapter's test loss on every domain (its row of the matrix);
 * logs each adapter as its own W&B run (job type ``adapter``, name ``adapter-<domain>``, in the main run's group)
   with its loss curve and results, the adapter folder as an artifact when ``wandb.log_model``.
@@ -30,7 +31,7 @@ import shutil
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 from tokalign import adapters as A
@@ -105,6 +106,17 @@ def compare(adapter: dict, base: dict, seed: int) -> dict:
     return {"delta": delta, "ci95": ci, "verdict": stats.verdict("adapter", "base", ci)}
 
 
+def compare_decisions(labels: list, adapter: dict, base: dict, seed: int) -> Optional[dict]:
+    """The adapter's decision accuracy change against the base, paired over the test questions both answered
+    (None when the domain has no decisions)."""
+    rows = [(y, x["pred"], z["pred"]) for y, x, z in zip(labels, adapter["scores"]["test"], base["scores"]["test"])
+            if y is not None and x["pred"] is not None and z["pred"] is not None]
+    if not rows:
+        return None
+    delta, ci = stats.paired_accuracy_difference([y == p for y, p, _ in rows], [y == q for y, _, q in rows], seed)
+    return {"delta": delta, "ci95": ci, "n": len(rows), "verdict": stats.verdict("base", "adapter", ci)}  # higher is better
+
+
 def domain_report(domain: str, data: dict, trained: dict, own: dict, base: dict, row: dict, seed: int) -> dict:
     d = data[domain]
     return {
@@ -115,6 +127,7 @@ def domain_report(domain: str, data: dict, trained: dict, own: dict, base: dict,
         "base": {"loss": base["loss"], "ppl": {s: _ppl(v) for s, v in base["loss"].items()},
                  "decisions": base["decisions"], "generation": base["generation"]},
         "test_loss_change": compare(own, base, seed), "matrix_row": row,
+        "decision_accuracy_change": compare_decisions([r.get("decision") for r in d["records"]["test"]], own, base, seed),
         "samples": [{"reference": r, "adapter": h, "base": b} for (r, h), (_, b) in zip(own["samples"], base["samples"])],
     }
 
@@ -127,6 +140,10 @@ def domain_metrics(rep: dict) -> dict:
          f"{p}/test_loss_change": rep["test_loss_change"]["delta"], f"{p}/test_loss_change/ci95": rep["test_loss_change"]["ci95"],
          f"{p}/test_loss_change/verdict": rep["test_loss_change"]["verdict"],
          f"{p}/train_loss": rep["train"]["train_loss"], f"{p}/train_tokens": rep["train"]["train_tokens"]}
+    if rep.get("decision_accuracy_change"):
+        c = rep["decision_accuracy_change"]
+        m[f"{p}/decision_accuracy_change"], m[f"{p}/decision_accuracy_change/ci95"] = c["delta"], c["ci95"]
+        m[f"{p}/decision_accuracy_change/verdict"] = c["verdict"]
     for who, r in (("", a), ("base_", b)):
         if r["decisions"]:
             m[f"{p}/{who}decision_accuracy"], m[f"{p}/{who}decision_macro_f1"] = r["decisions"]["accuracy"], r["decisions"]["macro_f1"]
