@@ -630,16 +630,30 @@ def fvt_decompose(target: Vocab, source: Vocab, source_tok: Any, gold: Optional[
     import time
 
     t0 = time.time()
-    n_t = len(target)
-    unk = source.roles.get("unk")
-    gold = np.full(n_t, -1, dtype=np.int64) if gold is None else np.asarray(gold, dtype=np.int64)
+    gold = np.full(len(target), -1, dtype=np.int64) if gold is None else np.asarray(gold, dtype=np.int64)
+    raw_tok = _raw_backend(source_tok) if source.style in (BYTELEVEL, SPM) else None
+    texts, plans = _fvt_plans(target, source, gold, raw_tok is not None)
+    encoded: list[list[int]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        if raw_tok is not None:
+            encoded.extend(e.ids for e in raw_tok.encode_batch(chunk, add_special_tokens=False))
+        else:
+            encoded.extend(source_tok(chunk, add_special_tokens=False)["input_ids"])
+    indptr, pieces, n_empty, n_inexact = _fvt_assemble(target, source, gold, plans, encoded)
+    return FVTResult(indptr, pieces, n_empty, n_inexact, time.time() - t0)
+
+
+def _source_byte_ids(source: Vocab) -> dict[int, int]:
+    """The source token that stands for each byte value: a byte-level character, a ``<0xHH>`` token, or a
+    single-byte regular token."""
     canon_index: dict[str, int] = {}
     for i, (c, sp, bt) in enumerate(zip(source.canon, source.special, source.byte_token)):
         if not sp and not bt:
             canon_index.setdefault(c, i)
     byte_ids: dict[int, int] = {}
     if source.style == BYTELEVEL:
-        for bval, ch in BYTE_ENCODER.items():
+        for bval in BYTE_ENCODER:
             i = canon_index.get(chr(bval))
             if i is not None:
                 byte_ids[bval] = i
@@ -649,51 +663,47 @@ def fvt_decompose(target: Vocab, source: Vocab, source_tok: Any, gold: Optional[
     for bval in range(256):  # single-byte regular tokens also stand for a byte
         if bval not in byte_ids and chr(bval) in canon_index:
             byte_ids[bval] = canon_index[chr(bval)]
+    return byte_ids
 
-    raw_tok = _raw_backend(source_tok) if source.style in (BYTELEVEL, SPM) else None
 
-    # plan: per target token a list of parts, each ("text", slot in the batch) or ("id", source id)
+def _fvt_plans(target: Vocab, source: Vocab, gold: np.ndarray,
+               raw: bool) -> tuple[list[str], list[list[tuple[str, int]]]]:
+    """The texts to encode with the source model (``raw``: in its own alphabet), and per target token a plan: parts
+    ("text", slot in ``texts``) or ("id", source id)."""
+    byte_ids = _source_byte_ids(source)
     texts: list[str] = []
-    plans: list[Optional[list[tuple[str, int]]]] = [None] * n_t
-    for i in range(n_t):
+    plans: list[list[tuple[str, int]]] = []
+    for i in range(len(target)):
         if gold[i] >= 0:
-            plans[i] = [("id", int(gold[i]))]
+            plans.append([("id", int(gold[i]))])
             continue
-        raw = target.canon[i].encode("utf-8") if target.special[i] else canon_bytes(target.canon[i])
-        if not raw:
-            plans[i] = []
-            continue
-        if source.style == BYTELEVEL and raw_tok is not None:
-            plans[i] = [("text", len(texts))]
-            texts.append(raw.decode("latin-1").translate(_ENCODE_TABLE))
+        raw_bytes = target.canon[i].encode("utf-8") if target.special[i] else canon_bytes(target.canon[i])
+        if source.style == BYTELEVEL and raw and raw_bytes:
+            plans.append([("text", len(texts))])
+            texts.append(raw_bytes.decode("latin-1").translate(_ENCODE_TABLE))
             continue
         plan: list[tuple[str, int]] = []
-        for is_text, chunk in _segments(raw):
+        for is_text, chunk in _segments(raw_bytes) if raw_bytes else ():
             if is_text:
                 plan.append(("text", len(texts)))
                 txt = chunk.decode("utf-8")
-                texts.append(txt.replace(" ", SPM_SPACE) if source.style == SPM and raw_tok is not None else txt)
-            else:
-                j = byte_ids.get(chunk[0])
-                if j is not None:
-                    plan.append(("id", j))
-        plans[i] = plan
+                texts.append(txt.replace(" ", SPM_SPACE) if source.style == SPM and raw else txt)
+            elif byte_ids.get(chunk[0]) is not None:
+                plan.append(("id", byte_ids[chunk[0]]))
+        plans.append(plan)
+    return texts, plans
 
-    encoded: list[list[int]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        if raw_tok is not None:
-            encoded.extend(e.ids for e in raw_tok.encode_batch(chunk, add_special_tokens=False))
-        else:
-            encoded.extend(source_tok(chunk, add_special_tokens=False)["input_ids"])
 
-    indptr = np.zeros(n_t + 1, dtype=np.int64)
+def _fvt_assemble(target: Vocab, source: Vocab, gold: np.ndarray, plans: list[list[tuple[str, int]]],
+                  encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """CSR pieces from the plans and the encoded texts (unknown-token pieces dropped); the empty and inexact counts."""
+    unk, n_src = source.roles.get("unk"), len(source)
+    indptr = np.zeros(len(plans) + 1, dtype=np.int64)
     pieces: list[int] = []
     n_empty = n_inexact = 0
-    n_src = len(source)
     for i, plan in enumerate(plans):
         clean: list[int] = []
-        for kind, v in plan or []:
+        for kind, v in plan:
             if kind == "id":
                 clean.append(v)
             else:  # pieces the source model produced: drop the unknown token
@@ -706,7 +716,7 @@ def fvt_decompose(target: Vocab, source: Vocab, source_tok: Any, gold: Optional[
                 n_inexact += 1
         pieces.extend(clean)
         indptr[i + 1] = len(pieces)
-    return FVTResult(indptr, np.asarray(pieces, dtype=np.int64), n_empty, n_inexact, time.time() - t0)
+    return indptr, np.asarray(pieces, dtype=np.int64), n_empty, n_inexact
 
 
 # ----------------------------------------------------------------------------------------------

@@ -263,6 +263,44 @@ def make_windows(seq: Sequence[int], seq_len: int, stride: int) -> list[tuple[in
         begin += stride
 
 
+def _window_jobs(seqs: Sequence[list[int]], seq_len: int, stride: int) -> list[tuple]:
+    """Scoring windows of every document, longest first (similar lengths together: less padding): (window tokens,
+    positions in the window whose logits are used, their targets, document index)."""
+    jobs = []
+    for d, s in enumerate(seqs):
+        for begin, end, first in make_windows(s, seq_len, stride):
+            w = s[begin:end]
+            jobs.append((w, range(first - begin - 1, end - begin - 1), w[first - begin :], d))
+    jobs.sort(key=lambda j: -len(j[0]))
+    return jobs
+
+
+def _score_jobs(model: Any, jobs: list[tuple], n_docs: int, *, batch_size: int, device: Any, pad: int, desc: str,
+                progress: bool) -> tuple[list[float], int]:
+    """Nats per document over ``jobs`` (``_window_jobs``) in batches, and the tokens scored; the model is put in
+    eval mode for it and back in training mode after, where it was."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    scored = 0
+    doc_nll = [0.0] * n_docs
+    bar = tqdm(total=sum(len(j[2]) for j in jobs), unit="tok", desc=desc, disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(jobs), batch_size):
+                chunk = jobs[b : b + batch_size]
+                lps = score_rows(model, [j[0] for j in chunk], [(j[1], j[2]) for j in chunk], device=device, pad_id=pad)
+                for j, lp in zip(chunk, lps):
+                    doc_nll[j[3]] -= float(lp.sum())
+                    scored += lp.numel()
+                bar.update(sum(len(j[2]) for j in chunk))
+    finally:
+        bar.close()
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return doc_nll, scored
+
+
 def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 1024, stride: int = 512,
                   batch_size: int = 4, device: Any = None, desc: str = "bpb", progress: bool = True,
                   start: Optional[int] = -1) -> dict:
@@ -296,37 +334,13 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: 
     vocab = model_vocab_size(model)
     check_token_range((i for s in seqs for i in s), vocab, model, tokenizer)
 
-    # (window tokens, positions in window whose logits are used, targets, document index)
-    jobs = []
-    for d, s in enumerate(seqs):
-        for begin, end, first in make_windows(s, seq_len, stride):
-            w = s[begin:end]
-            jobs.append((w, range(first - begin - 1, end - begin - 1), w[first - begin :], d))
+    jobs = _window_jobs(seqs, seq_len, stride)
     n_tokens = sum(len(j[2]) for j in jobs)
-    jobs.sort(key=lambda j: -len(j[0]))  # similar lengths together: less padding
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None and 0 <= pad < vocab else 0
-
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    nll, scored = 0.0, 0
-    doc_nll = [0.0] * len(texts)
     t0 = time.time()
-    bar = tqdm(total=n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(jobs), batch_size):
-                chunk = jobs[b : b + batch_size]
-                lps = score_rows(model, [j[0] for j in chunk], [(j[1], j[2]) for j in chunk], device=dev, pad_id=pad)
-                for j, lp in zip(chunk, lps):
-                    doc_nll[j[3]] -= float(lp.sum())
-                    scored += lp.numel()
-                bar.update(sum(len(j[2]) for j in chunk))
-    finally:
-        bar.close()
-        if was_training and hasattr(model, "train"):
-            model.train()
+    doc_nll, scored = _score_jobs(model, jobs, len(texts), batch_size=batch_size, device=dev, pad=pad, desc=desc,
+                                  progress=progress)
     secs = time.time() - t0
     assert scored == n_tokens
     nll = float(sum(doc_nll))
