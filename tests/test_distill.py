@@ -95,16 +95,11 @@ def test_a_few_distillation_steps_lower_the_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_stage1_trains_on_the_distillation_objective(tmp_path):
-    """``train.objective=distill`` through the training stage: the teacher is the ``source`` output (its own
-    tokenizer), the logged loss is the chunk loss and it falls; ``mix`` logs both parts."""
-    import json
-
+def _distill_workspace(tmp_path):
+    """A tiny init model on the GPT-2 vocabulary, a tiny teacher on SmolLM2's, and 40 short documents."""
     import numpy as np
 
-    from conftest import make_cfg
     from tokalign.context import Context
-    from tokalign.stages import train
 
     assets = need_assets()
     tok = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
@@ -120,12 +115,75 @@ def test_stage1_trains_on_the_distillation_objective(tmp_path):
     np.save(tmp_path / "tokenize" / "target_offsets.npy", np.concatenate([[0], np.cumsum([len(d) for d in docs])]))
     (tmp_path / "corpus").mkdir()
     (tmp_path / "run").mkdir()
-    ctx = Context(run_dir=tmp_path / "run", outputs={k: tmp_path / k for k in ("init", "tokenize", "corpus", "source")})
+    return Context(run_dir=tmp_path / "run", outputs={k: tmp_path / k for k in ("init", "tokenize", "corpus", "source")})
+
+
+def _losses(out):
+    import json
+
+    return [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+
+
+def test_stage1_trains_on_the_distillation_objective(tmp_path):
+    """``train.objective=distill`` through the training stage: the teacher is the ``source`` output (its own
+    tokenizer), the logged loss is the chunk loss and it falls; ``mix`` logs both parts."""
+    from conftest import make_cfg
+    from tokalign.stages import train
+
+    ctx = _distill_workspace(tmp_path)
     cfg = make_cfg(steps_stage1=6, train={"objective": "distill", "seq_len": 24})
     m = train.run_stage1(cfg, ctx, tmp_path / "s1")
     assert m["stage1/chunks"] > 10 and m["stage1/lm_loss"] > 0
-    losses = [h["loss"] for h in json.loads((tmp_path / "s1" / "log_history.json").read_text()) if "loss" in h]
+    losses = _losses(tmp_path / "s1")
     assert losses[-1] == m["stage1/final_loss"] and losses[-1] < losses[0]
     mixed = train.run_stage1(make_cfg(steps_stage1=2, train={"objective": "mix", "seq_len": 24}), ctx, tmp_path / "s2")
     lm, d = mixed["stage1/lm_loss"], mixed["stage1/distill_loss"]
     assert mixed["stage1/final_loss"] > 0 and lm > 0 and d > 0
+
+
+def test_the_teacher_cache_trains_the_same_and_spares_the_teacher_the_second_time(tmp_path, monkeypatch):
+    """``train.teacher_cache=true``: the first run scores and stores every block it trains on and trains exactly as
+    without the cache; a second run (as another job of a sweep would) reads every block, never runs the teacher,
+    and trains exactly the same again."""
+    from conftest import make_cfg
+    from tokalign.stages import train
+
+    ctx = _distill_workspace(tmp_path)
+    kw = dict(steps_stage1=4, cache_dir=str(tmp_path / "cache"))
+    plain = train.run_stage1(make_cfg(**kw, train={"objective": "distill", "seq_len": 24}), ctx, tmp_path / "plain")
+    first = train.run_stage1(make_cfg(**kw, train={"objective": "distill", "seq_len": 24, "teacher_cache": True}), ctx,
+                             tmp_path / "first")
+    assert _losses(tmp_path / "first") == _losses(tmp_path / "plain") and first["stage1/final_loss"] == plain["stage1/final_loss"]
+    sequences = 4 * 2 * 2  # steps x micro-batch x accumulation
+    assert first["stage1/teacher_cache_misses"] + first["stage1/teacher_cache_hits"] == sequences
+    assert first["stage1/teacher_cache_misses"] > 0
+    root = D.teacher_scores_root(tmp_path / "cache", ctx.path("source"), ctx.path("tokenize"), "float32")
+    assert len(list(root.rglob("*.safetensors"))) == first["stage1/teacher_cache_misses"]
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran although its scores were stored")
+
+    monkeypatch.setattr(D, "teacher_logprobs", no_teacher)
+    second = train.run_stage1(make_cfg(**kw, train={"objective": "distill", "seq_len": 24, "teacher_cache": True}), ctx,
+                              tmp_path / "second")
+    assert second["stage1/teacher_cache_hits"] == sequences and second["stage1/teacher_cache_misses"] == 0
+    assert _losses(tmp_path / "second") == _losses(tmp_path / "plain")  # the stored scores are the teacher's
+
+
+def test_a_stored_block_that_does_not_fit_is_scored_again(tmp_path):
+    assets = need_assets()
+    tok = refs.load_tokenizer(str(assets / "tokenizers" / "ggml-vocab-gpt-2.gguf"))
+    teacher = tiny_llama(vocab=len(tok), seed=0)
+    ids = tok("Hypertension is common in older adults.", add_special_tokens=False)["input_ids"]
+    segs = D.align_chunks(ids, D.token_bytes(tok), tok).teacher_ids
+    store = D.TeacherScores(tmp_path)
+    want = D.teacher_logprobs(teacher, segs, None, "cpu")
+    got = store.scores(teacher, ids, segs, None, "cpu")
+    assert store.misses == 1 and all(torch.allclose(a, b, equal_nan=True) for a, b in zip(got, want))
+    again = store.get(ids, [len(s) for s in segs])
+    assert again is not None and all(torch.allclose(a, b, equal_nan=True) for a, b in zip(again, want))
+    assert store.get(ids, [len(s) + 1 for s in segs]) is None  # other segments: not this block's scores
+    store.path(ids).write_bytes(b"not a safetensors file")
+    assert store.get(ids, [len(s) for s in segs]) is None
+    store.scores(teacher, ids, segs, None, "cpu")
+    assert store.misses == 2 and store.get(ids, [len(s) for s in segs]) is not None  # scored again and rewritten

@@ -211,6 +211,7 @@ class TrainConfig:
     lora_dropout: float = 0.05  # LoRA dropout
     objective: str = "lm"  # lm: next-token loss; distill: match the source model's chunk log-likelihoods (tokalign/distill.py); mix: (1 - distill_weight) * lm + distill_weight * distill. lm chosen on the dev curve at the smoke budget: last dev point 1.203 x the source (lm) vs 1.207 (distill) (scripts/bench_recovery.py, scripts/results/recovery_smoke.json)
     distill_weight: float = 0.5  # mix only: the distillation share of the loss (not tuned)
+    teacher_cache: bool = False  # distill/mix: keep the teacher's scores of every block under cache_dir/teacher_scores, read back by later epochs, stage 2 and other jobs (scripts/teacher_scores.py fills it ahead)
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # module names that get LoRA adapters

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -164,6 +165,75 @@ def chunk_loss(student_logits: torch.Tensor, input_ids: torch.Tensor, chunks: li
     return torch.stack(losses).mean(), len(losses)
 
 
+class TeacherScores:
+    """The teacher's log-probabilities of every block it scored, on disk (``train.teacher_cache``): one safetensors
+    file per block, named by the hash of the block's token ids, under a folder that ``teacher_scores_root`` keys by
+    the teacher, the target tokenizer and the precision. Later epochs, stage 2 and the other jobs of a sweep read
+    them instead of running the teacher; ``scripts/teacher_scores.py`` fills the folder ahead, e.g. on a CPU
+    machine. A file that is unreadable or does not fit the block's segments is computed again (and rewritten)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.hits = self.misses = 0
+
+    def path(self, ids: Sequence[int]) -> Path:
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
+        return self.root / h[:2] / f"{h}.safetensors"
+
+    def get(self, ids: Sequence[int], lengths: Sequence[int]) -> Optional[list[torch.Tensor]]:
+        """The stored log-probabilities of the block's segments, if a file holds exactly ``lengths`` of them."""
+        from safetensors.torch import load_file
+
+        f = self.path(ids)
+        try:
+            t = load_file(str(f))
+            got = [int(n) for n in t["lengths"].tolist()]
+        except Exception:  # absent, partial or not ours
+            return None
+        if got != [int(n) for n in lengths] or t["lp"].numel() != sum(got):
+            return None
+        return list(torch.split(t["lp"], got)) if got else []
+
+    def put(self, ids: Sequence[int], lps: Sequence[torch.Tensor]) -> None:
+        """Store the block's log-probabilities (written beside, then renamed: readers never see a partial file)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        f = self.path(ids)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        flat = torch.cat([x.detach().float().cpu() for x in lps]) if lps else torch.zeros(0)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        save_file({"lp": flat.contiguous(), "lengths": torch.tensor([len(x) for x in lps], dtype=torch.int64)}, str(tmp))
+        os.replace(tmp, f)
+
+    def scores(self, teacher: Any, ids: Sequence[int], segments: list[list[int]], start_id: Optional[int],
+               device: Any) -> list[torch.Tensor]:
+        """``teacher_logprobs`` of the block's segments, read from disk when stored, else computed and stored."""
+        got = self.get(ids, [len(s) for s in segments])
+        if got is not None:
+            self.hits += 1
+            return [x.to(device) for x in got]
+        self.misses += 1
+        lps = teacher_logprobs(teacher, segments, start_id, device)
+        self.put(ids, lps)
+        return lps
+
+
+def teacher_scores_root(cache_dir: Any, source_dir: Path, tokenize_dir: Path, dtype: str) -> Path:
+    """Where ``TeacherScores`` keeps the blocks of this teacher (the ``source`` stage's output), this target
+    tokenization (the ``tokenize`` stage's) and this precision: ``<cache_dir>/teacher_scores/<hash>``."""
+    from tokalign.cache import stable_hash
+
+    key = stable_hash({"source": Path(source_dir).resolve().name, "tokenize": Path(tokenize_dir).resolve().name,
+                       "dtype": dtype, "v": 1})
+    return Path(cache_dir).expanduser() / "teacher_scores" / key
+
+
 @dataclass
 class Distiller:
     """The training loss of ``train.objective=distill`` (``weight`` 1) or ``mix`` (``(1 - w) * lm + w * distill``):
@@ -174,15 +244,23 @@ class Distiller:
     tb: list[bytes]  # token_bytes(student tokenizer)
     start_id: Optional[int]  # the source's document separator, the teacher's context before every segment
     weight: float = 1.0
-    last: Optional[dict] = None  # the last batch's {"lm_loss", "distill_loss", "chunks"}
+    store: Optional[TeacherScores] = None  # train.teacher_cache: the teacher's scores kept on disk
+    last: Optional[dict] = None  # the last batch's {"lm_loss", "distill_loss", "chunks"} (+ teacher cache hits)
 
     def loss(self, outputs: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        chunks = [align_chunks(row.tolist(), self.tb, self.teacher_tok) for row in input_ids]
-        t_lp = [teacher_logprobs(self.teacher, c.teacher_ids, self.start_id, input_ids.device) for c in chunks]
+        rows = [row.tolist() for row in input_ids]
+        chunks = [align_chunks(ids, self.tb, self.teacher_tok) for ids in rows]
+        if self.store is None:
+            t_lp = [teacher_logprobs(self.teacher, c.teacher_ids, self.start_id, input_ids.device) for c in chunks]
+        else:
+            t_lp = [self.store.scores(self.teacher, ids, c.teacher_ids, self.start_id, input_ids.device)
+                    for ids, c in zip(rows, chunks)]
         d, n = chunk_loss(outputs.logits, input_ids, chunks, t_lp)
         lm = outputs.loss
         self.last = {"lm_loss": float(lm.detach()) if lm is not None else None, "distill_loss": float(d.detach()),
                      "chunks": n}
+        if self.store is not None:
+            self.last.update(teacher_cache_hits=self.store.hits, teacher_cache_misses=self.store.misses)
         if self.weight >= 1.0 or lm is None:
             return d
         return (1.0 - self.weight) * lm + self.weight * d

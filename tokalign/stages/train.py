@@ -247,7 +247,13 @@ def _distiller(cfg: Config, ctx: Context, tokenizer: Any, device: Any) -> Any:
     teacher.requires_grad_(False)
     teacher_tok = refs.load_tokenizer(str(src))
     weight = 1.0 if cfg.train.objective == "distill" else cfg.train.distill_weight
-    return distill.Distiller(teacher, teacher_tok, distill.token_bytes(tokenizer), start_token_id(teacher_tok), weight)
+    store = None
+    if cfg.train.teacher_cache:
+        root = distill.teacher_scores_root(cfg.cache_dir, ctx.path("source"), ctx.path("tokenize"), cfg.hardware.dtype)
+        store = distill.TeacherScores(root)
+        log.info("teacher scores kept in %s", root)
+    return distill.Distiller(teacher, teacher_tok, distill.token_bytes(tokenizer), start_token_id(teacher_tok), weight,
+                             store=store)
 
 
 def _make_trainable(model: Any, cfg: Config, spec: TrainSpec) -> tuple[Any, int]:
