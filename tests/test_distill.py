@@ -187,3 +187,28 @@ def test_a_stored_block_that_does_not_fit_is_scored_again(tmp_path):
     assert store.get(ids, [len(s) for s in segs]) is None
     store.scores(teacher, ids, segs, None, "cpu")
     assert store.misses == 2 and store.get(ids, [len(s) for s in segs]) is not None  # scored again and rewritten
+
+
+def test_scores_filled_ahead_serve_a_whole_training_run(tmp_path, monkeypatch):
+    """``scripts/teacher_scores.py``'s ``fill`` scores every packed block once (a rerun stores nothing new); a
+    training run on the same source, tokenization and ``train.seq_len`` then never runs the teacher."""
+    import sys
+    from pathlib import Path
+
+    from conftest import make_cfg
+    from tokalign.stages import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import teacher_scores
+
+    ctx = _distill_workspace(tmp_path)
+    refs.load_tokenizer(str(tmp_path / "init" / "model")).save_pretrained(tmp_path / "tokenize" / "target_tokenizer")
+    cfg = make_cfg(steps_stage1=4, cache_dir=str(tmp_path / "cache"),
+                   train={"objective": "distill", "seq_len": 24, "teacher_cache": True})
+    paths = {"source": tmp_path / "source", "tokenize": tmp_path / "tokenize"}
+    r = teacher_scores.fill(cfg, paths, progress=False)
+    assert r["scored"] == r["blocks"] == r["of_blocks"] > 16 and r["already_stored"] == 0 and r["teacher_tokens"] > 0
+    assert teacher_scores.fill(cfg, paths, progress=False)["already_stored"] == r["blocks"]
+    monkeypatch.setattr(D, "teacher_logprobs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher ran")))
+    m = train.run_stage1(cfg, ctx, tmp_path / "s1")
+    assert m["stage1/teacher_cache_misses"] == 0 and m["stage1/teacher_cache_hits"] == 16
