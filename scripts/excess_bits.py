@@ -53,14 +53,19 @@ def chunk_kinds(src_ends: Sequence[int], tgt_ends: Sequence[int], tgt_new: Seque
     return out
 
 
-def token_bits(model, tok, text: str, max_tokens: int) -> tuple[np.ndarray, list[int], list[int]]:
-    """Bits of each token of ``text`` after the start token, the token ids and their end offsets in bytes."""
+def start_of(tok) -> int:
+    """The token every document is scored after; without one the first token has no prediction to score."""
+    start = M.start_token_id(tok)
+    if start is None:
+        sys.exit(f"excess_bits: {getattr(tok, 'name_or_path', 'tokenizer')} has no start token to score after")
+    return start
+
+
+def token_bits(model, tok, text: str, max_tokens: int, start: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """Bits of each token of ``text`` after ``start``, the token ids and their end offsets in bytes."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_tokens]
     ends = [len(text[:e].encode("utf-8")) for _, e in enc["offset_mapping"][:max_tokens]]
-    start = M.start_token_id(tok)
-    if start is None:  # without a context token the first token has no prediction to score
-        sys.exit(f"excess_bits: {getattr(tok, 'name_or_path', 'tokenizer')} has no start token to score after")
     x = torch.tensor([[start] + ids])
     with torch.no_grad():
         logp = torch.log_softmax(model(x).logits[0].float(), dim=-1)[-len(ids) - 1:-1]
@@ -97,15 +102,17 @@ def main() -> None:
     texts = read_texts(stages["corpus"] / "dev.jsonl", a.docs)
     src_tok = refs.load_tokenizer(str(stages["source"] / "model"))
     src = refs.load_model(str(stages["source"] / "model"), dtype="float32").eval()
-    src_scored = [token_bits(src, src_tok, t, a.max_tokens) for t in texts]
+    src_start = start_of(src_tok)
+    src_scored = [token_bits(src, src_tok, t, a.max_tokens, src_start) for t in texts]
     tok = refs.load_tokenizer(str(stages["tokenize"] / "target_tokenizer"))
+    tgt_start = start_of(tok)
     z = np.load(stages["align"] / "alignment.npz")
     new = (z["gold"] < 0) & (z["how"] != HOW_SPECIAL)
     model = refs.load_model(str(stages["init"] / "model"), dtype="float32").eval()
     result = {"run": a.run, "docs": len(texts), "methods": {}}
     for m in a.methods:
         apply_rows(model, stages["init"] / "rows" / f"{m}.safetensors")
-        acc = tally(texts, src_scored, [token_bits(model, tok, t, a.max_tokens) for t in texts], new)
+        acc = tally(texts, src_scored, [token_bits(model, tok, t, a.max_tokens, tgt_start) for t in texts], new)
         excess = sum(k["target_bits"] - k["source_bits"] for k in acc.values())
         nbytes = sum(k["bytes"] for k in acc.values())
         result["methods"][m] = {"bytes": nbytes, "excess_bits": excess, "kinds": acc,

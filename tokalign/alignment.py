@@ -688,8 +688,8 @@ def _fvt_plans(target: Vocab, source: Vocab, gold: np.ndarray,
                 plan.append(("text", len(texts)))
                 txt = chunk.decode("utf-8")
                 texts.append(txt.replace(" ", SPM_SPACE) if source.style == SPM and raw else txt)
-            elif byte_ids.get(chunk[0]) is not None:
-                plan.append(("id", byte_ids[chunk[0]]))
+            elif (j := byte_ids.get(chunk[0])) is not None:
+                plan.append(("id", j))
         plans.append(plan)
     return texts, plans
 

@@ -17,11 +17,14 @@ student) or bytes the teacher did not read are not scored.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -177,10 +180,6 @@ class TeacherScores:
         self.hits = self.misses = 0
 
     def path(self, ids: Sequence[int]) -> Path:
-        import hashlib
-
-        import numpy as np
-
         h = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:32]
         return self.root / h[:2] / f"{h}.safetensors"
 
@@ -200,8 +199,6 @@ class TeacherScores:
 
     def put(self, ids: Sequence[int], lps: Sequence[torch.Tensor]) -> None:
         """Store the block's log-probabilities (written beside, then renamed: readers never see a partial file)."""
-        import os
-
         from safetensors.torch import save_file
 
         f = self.path(ids)
