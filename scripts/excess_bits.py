@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokalign import metrics as M  # noqa: E402
 from tokalign import refs  # noqa: E402
 from tokalign.artifacts import read_texts  # noqa: E402
-from tokalign.stages.align import HOW_SPECIAL  # noqa: E402
+from tokalign.alignment import HOW_SPECIAL  # noqa: E402
 from tokalign.stages.evaluate import apply_rows  # noqa: E402
 
 

@@ -473,3 +473,51 @@ def test_stage_alignment_bleu_on_identical_tokenizers_is_one(tmp_path):
     cfg.alignment.reference_pairs = str(tmp_path / "bad.json")
     with pytest.raises(E.EvalInputError, match="bad.json"):
         E.alignment_bleu(cfg, ctx, texts)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fitted_output_rows_untie_a_tied_head_and_keep_every_other_row(tmp_path, tied):
+    """alignment.output_rows=fit: the new multi-piece tokens' output rows are the fit of tokalign/output_rows.py,
+    every other output row is what output_rows=tied gives; a tied source is untied; identical tokenizers stay tied."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tokalign.artifacts import docs_of, load_stream
+    from tokalign.output_rows import fit_output_rows
+
+    src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
+    ctx = write_inputs(tmp_path / "a", src_tok, tgt_tok, tied)
+    base = {"min_precision": 0.0, "block_size": 16}
+    run_align_init(tmp_path / "a", ctx, config(pivot_count=12, init_methods=["fvt", "tokalign"],
+                                               alignment={**base, "output_rows": "fit", "output_fit_tokens": 300}))
+    ctx_b = write_inputs(tmp_path / "b", src_tok, tgt_tok, tied)
+    run_align_init(tmp_path / "b", ctx_b, config(pivot_count=12, init_methods=["fvt", "tokalign"], alignment=base))
+    fit = load_file(str(tmp_path / "a" / "init" / "rows" / "tokalign.safetensors"))
+    plain = load_file(str(tmp_path / "b" / "init" / "rows" / "tokalign.safetensors"))
+    info = json.loads((tmp_path / "a" / "init" / "info.json").read_text())
+    assert info["untied_methods"] == (["tokalign"] if tied else [])
+    assert info["counts"]["tokalign"]["output_fit"]["fit_positions"] == 300
+    assert np.array_equal(fit["embed"], plain["embed"])  # input rows untouched
+    z = dict(np.load(tmp_path / "a" / "align" / "alignment.npz"))
+    new = init.fit_targets(z)
+    assert len(new) > 10
+    other = np.setdiff1d(np.arange(len(tgt_tok)), new)
+    want_other = plain["embed"] if tied else plain["lm_head"]
+    assert np.array_equal(fit["lm_head"][other], want_other[other])
+    src_model = toy_model(len(src_tok), tied)
+    s_ids, s_off = load_stream(tmp_path / "a" / "tokenize", "source")
+    docs = [[M.start_token_id(src_tok)] + d.tolist() for d in docs_of(s_ids, s_off)]
+    pieces = [z["fvt_indices"][z["fvt_indptr"][t]:z["fvt_indptr"][t + 1]].tolist() for t in new]
+    with torch.no_grad():
+        want, _ = fit_output_rows(src_model, docs, pieces, src_model.get_output_embeddings().weight.detach(),
+                                  fit_tokens=300, ridge=10.0)
+    np.testing.assert_allclose(fit["lm_head"][new], want.numpy(), rtol=1e-4, atol=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "init" / "model")
+    assert not model.config.tie_word_embeddings
+    assert np.array_equal(model.get_output_embeddings().weight.detach().numpy(), fit["lm_head"])
+
+    same = write_inputs(tmp_path / "c", src_tok, source_tokenizer(), tied, vectors="same")
+    run_align_init(tmp_path / "c", same, config(alignment={"output_rows": "fit"}))
+    rows = load_file(str(tmp_path / "c" / "init" / "rows" / "tokalign.safetensors"))
+    assert ("lm_head" in rows) is (not tied)  # nothing to fit: a tied source stays tied

@@ -43,6 +43,10 @@ from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
+# How stage align set each target row (``how`` in ``alignment.npz``); init and the scripts read the same codes.
+HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL, HOW_SPARSE = 0, 1, 2, 3, 4
+HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special", HOW_SPARSE: "sparse"}
+
 BYTELEVEL = "bytelevel"  # GPT-2 byte-to-unicode strings (GPT-2, Qwen2, Llama-3, SmolLM2, Pythia)
 SPM = "spm"  # SentencePiece: "▁" is a space, "<0xHH>" is a byte (Llama-2, Phi-3, Mistral)
 PLAIN = "plain"  # token strings are the text itself

@@ -26,6 +26,11 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   1.1413, focus +0.0408 [+0.0315, +0.0507], omp +0.1981 [+0.1727, +0.2280] bits per byte; ``python
   scripts/tune_dev.py --key alignment.new_rows --values fvt,focus,omp``, ``scripts/results/tune_new_rows.json``;
   with 0.58 MB of text the target-side fastText space is too noisy for either; rerun it on your corpus);
+  ``alignment.output_rows="tied"`` (ours' output rows of new multi-piece tokens follow the input rows; ``fit``, the
+  first piece's output row plus a ridge fit to the source's log-probability of the rest, on an untied head, lost on
+  the 66 dev abstracts of the Qwen2 run: 1.6957 against 1.1264 bits per byte, +0.5693 [+0.5348, +0.6052]; ``python
+  scripts/tune_dev.py --key alignment.output_rows --values tied,fit``, ``scripts/results/tune_output_rows.json``;
+  ``output_fit_tokens`` and ``output_ridge`` are ``extend``'s hand-set values, not tuned);
   ``domain_vocab.init_steps=150`` (method ``extend``, ``experiment=domain_vocab``, 300 new tokens: on the 66 dev
   abstracts, whole, 0 steps 1.1911, 50 steps 1.1054, 150 steps 1.0753 bits per byte, the paired differences to 150
   +0.1159 [+0.1063, +0.1255] and +0.0301 [+0.0245, +0.0364]; the source scores 0.9587 there; more steps were not
@@ -122,6 +127,9 @@ class AlignmentConfig:
     focus_k: int = 64  # FOCUS: sparsemax over the cosines to this many nearest overlapping tokens (target fastText space)
     omp_k: int = 8  # OMP: overlapping tokens combined per new token (orthogonal matching pursuit, least squares)
     sparse_candidates: int = 256  # FOCUS/OMP: nearest overlapping tokens searched per new token (bounds time and memory)
+    output_rows: str = "tied"  # ours' output rows of new multi-piece tokens: "tied" (the rule of the input rows; a tied head stays tied) or "fit" (the first piece's output row plus a ridge fit to the source's log-probability of the rest, tokalign/output_rows.py; a tied head is untied); tied chosen on the dev split (module docstring)
+    output_fit_tokens: int = 20000  # output_rows=fit: training positions (source tokenization) whose hidden states fit the rows
+    output_ridge: float = 10.0  # output_rows=fit: ridge strength per 1,000 fitted positions
     reference_pairs: Optional[str] = None  # JSON {target id: source id} a reference alignment; align/bleu1 then scores against it instead of the source tokenization
 
     def __post_init__(self) -> None:
@@ -138,6 +146,9 @@ class AlignmentConfig:
         _check(self.special_match in ("role", "name", "none"), "alignment.special_match", "role, name or none",
                self.special_match)
         _check(self.new_rows in ("fvt", "focus", "omp"), "alignment.new_rows", "fvt, focus or omp", self.new_rows)
+        _check(self.output_rows in ("tied", "fit"), "alignment.output_rows", "tied or fit", self.output_rows)
+        _check(self.output_fit_tokens >= 0, "alignment.output_fit_tokens", ">= 0", self.output_fit_tokens)
+        _check(self.output_ridge > 0, "alignment.output_ridge", "> 0", self.output_ridge)
         _check(self.focus_k >= 1 and self.omp_k >= 1, "alignment.focus_k/omp_k", ">= 1", (self.focus_k, self.omp_k))
         _check(self.sparse_candidates >= max(self.focus_k, self.omp_k), "alignment.sparse_candidates",
                ">= alignment.focus_k and alignment.omp_k", self.sparse_candidates)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from tokalign.errors import TokalignError
+from tokalign.output_rows import fit_output_rows
 
 log = logging.getLogger("tokalign")
 
@@ -62,50 +62,11 @@ def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
     return out
 
 
-def _doc_hidden(model: Any, ids: Sequence[int]) -> tuple[Any, Any]:
-    """Final hidden states (the head's input) and log-probabilities of one document."""
-    import torch
-
-    with torch.no_grad():
-        h = model.base_model(torch.tensor([list(ids)])).last_hidden_state[0]
-        return h, torch.log_softmax(model.get_output_embeddings()(h), -1)
-
-
 def output_rows(model: Any, docs: Sequence[Sequence[int]], pieces: Sequence[list[int]], head: Any,
                 s: ExtendSettings) -> tuple[Any, dict]:
-    """``head[p1] + δ_t`` for every new token (step 2 of the module docstring)."""
-    import torch
-
-    by_first: dict[int, list[int]] = defaultdict(list)
-    for t, p in enumerate(pieces):
-        by_first[p[0]].append(t)
-    hs, pos, n = [], defaultdict(list), 0
-    for ids in docs:
-        if n >= s.fit_tokens:
-            break
-        ids = list(ids)[: min(512, s.fit_tokens - n + 1)]
-        if len(ids) < 2:
-            continue
-        h, lp = _doc_hidden(model, ids)
-        for j in range(len(ids) - 1):  # h[j] predicts ids[j + 1]
-            for t in by_first.get(ids[j + 1], ()):
-                p = pieces[t]
-                if ids[j + 1:j + 1 + len(p)] == p:
-                    pos[t].append((n + j, float(sum(lp[j + q, p[q]] for q in range(1, len(p))))))
-        hs.append(h[:-1])
-        n += len(ids) - 1
-    H = torch.cat(hs) if hs else torch.zeros(0, head.shape[1])
-    gram = H.T @ H + s.ridge * max(len(H), 1) / 1000 * torch.eye(H.shape[1])
-    inv, total = torch.linalg.inv(gram), H.sum(0)
-    rows = []
-    for t, p in enumerate(pieces):
-        seen = pos.get(t, [])
-        c = float(np.mean([r for _, r in seen])) if seen else 0.0
-        b = c * total
-        for i, r in seen:
-            b = b + H[i] * (r - c)
-        rows.append(head[p[0]] + inv @ b)
-    return torch.stack(rows), {"fit_positions": int(len(H)), "tokens_seen": len(pos)}
+    """``head[p1] + δ_t`` for every new token (step 2 of the module docstring; ``tokalign/output_rows.py``), a
+    token never seen in the fitting text taking ``c_t = 0`` (``head[p1]``: step 3 moves it)."""
+    return fit_output_rows(model, docs, pieces, head, fit_tokens=s.fit_tokens, ridge=s.ridge, unseen=0.0)
 
 
 def windows(docs: Sequence[Sequence[int]], v_s: int, start: int, size: int, seed: int) -> list[list[int]]:

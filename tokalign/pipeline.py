@@ -60,7 +60,7 @@ def _curve_keys(cfg: Config) -> tuple[str, ...]:
 
 
 # Alignment keys that only stage init reads: changing one rebuilds the rows, never the alignment itself.
-INIT_ONLY_ALIGNMENT_KEYS = ("piece_weights",)
+INIT_ONLY_ALIGNMENT_KEYS = ("piece_weights", "output_rows", "output_fit_tokens", "output_ridge")
 ALIGN_KEYS = tuple(f"alignment.{f.name}" for f in fields(AlignmentConfig) if f.name not in INIT_ONLY_ALIGNMENT_KEYS)
 
 # name            run                     reads                               config keys (the cache key)
@@ -81,7 +81,8 @@ STAGES: list[Stage] = [
           keys_if=lambda cfg: ("seed",) if cfg.embed.max_tokens > 0 else ()),
     Stage("align", align.run, ("tokenize", "embed", "source"), ("pivot_count", "similarity_threshold", *ALIGN_KEYS,
                                                                  "seed")),
-    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed", "alignment.piece_weights"),
+    Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed",
+                                                               *(f"alignment.{k}" for k in INIT_ONLY_ALIGNMENT_KEYS)),
           keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr",
                              "domain_vocab.init_output")
           if "extend" in cfg.init_methods else ()),

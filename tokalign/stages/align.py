@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 
 from tokalign import alignment as A
+from tokalign.alignment import HOW_ALIGNED, HOW_FVT, HOW_GOLD, HOW_NAMES, HOW_SPARSE, HOW_SPECIAL  # noqa: F401
 from tokalign import refs
 from tokalign.config import AlignmentConfig, Config
 from tokalign.context import Context
@@ -84,8 +85,6 @@ from tokalign.errors import TokalignError
 
 log = logging.getLogger(__name__)
 
-HOW_GOLD, HOW_ALIGNED, HOW_FVT, HOW_SPECIAL, HOW_SPARSE = 0, 1, 2, 3, 4
-HOW_NAMES = {HOW_GOLD: "gold", HOW_ALIGNED: "aligned", HOW_FVT: "fvt", HOW_SPECIAL: "special", HOW_SPARSE: "sparse"}
 COUNT_NAMES = {"gold": "exact", "fvt": "fallback"}  # the names of the counts in info.json and the metrics
 ROLE_ORDER = ("bos", "eos", "pad", "unk")
 

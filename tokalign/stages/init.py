@@ -65,6 +65,7 @@ from tokalign.errors import TokalignError
 from tokalign.artifacts import docs_of, load_stream
 from tokalign.extend_rows import ExtendSettings, extend_rows
 from tokalign.modelfacts import is_tied, untie
+from tokalign.output_rows import fit_output_rows
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,31 @@ def _extend(cfg: Config, ctx: Context, model: Any, tok: Any, src_tok: Any, start
     return e, h, info
 
 
+def fit_targets(al: dict) -> np.ndarray:
+    """The target tokens whose output rows ``alignment.output_rows=fit`` sets: new tokens (rows from their pieces or
+    FOCUS/OMP) that the source spells with two or more pieces."""
+    how = al["how"]
+    return np.nonzero(((how == A.HOW_FVT) | (how == A.HOW_SPARSE)) & (np.diff(al["fvt_indptr"]) >= 2))[0]
+
+
+def _fit_output(cfg: Config, ctx: Context, model: Any, al: dict, h_rows: np.ndarray, source_start: Optional[int]) -> dict:
+    """Ours with ``alignment.output_rows=fit``: the output rows of the new multi-piece tokens (set from their pieces
+    or FOCUS/OMP) become their first piece's source output row plus a ridge fit to the source model's
+    log-probability of the rest (``tokalign/output_rows.py``), in ``h_rows`` in place."""
+    indptr, indices, new = al["fvt_indptr"], al["fvt_indices"], fit_targets(al)
+    pieces = [indices[indptr[t]:indptr[t + 1]].tolist() for t in new]
+    s_ids, s_off = load_stream(ctx.path("tokenize"), "source")
+    prefix = [] if source_start is None else [source_start]
+    docs = [prefix + d.tolist() for d in docs_of(s_ids, s_off)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    src_head = model.get_output_embeddings().weight.detach().float()
+    rows, info = fit_output_rows(model, docs, pieces, src_head, fit_tokens=cfg.alignment.output_fit_tokens,
+                                 ridge=cfg.alignment.output_ridge)
+    h_rows[new] = rows.numpy()
+    return {**info, "rows": int(len(new))}
+
+
 def run(cfg: Config, ctx: Context, out: Path) -> dict:
     from safetensors.numpy import save_file
 
@@ -269,6 +295,7 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
     start = (M.start_token_id(tok), M.start_token_id(src_tok))  # (target, source) document-start tokens
     (out / "rows").mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict] = {}
+    untied_methods = ["extend"] if "extend" in methods else []  # methods that give a tied source a head of its own
     primary_rows: tuple[np.ndarray, Optional[np.ndarray]] = (np.empty(0), None)
     for m in methods:
         if m == "extend":
@@ -282,9 +309,14 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
         same_start(e_rows, emb, start)
         tensors = {"embed": np.ascontiguousarray(e_rows)}
         h_rows = None
-        if not tied:
-            h_rows, _ = build_rows(m, head, al, seed=cfg.seed, salt=1, source_special=special, piece_weight=weights)
-            same_start(h_rows, head, start)
+        fit = m == "tokalign" and cfg.alignment.output_rows == "fit" and len(fit_targets(al)) > 0
+        if not tied or fit:
+            base = emb if head is None else head
+            h_rows, _ = build_rows(m, base, al, seed=cfg.seed, salt=1, source_special=special, piece_weight=weights)
+            same_start(h_rows, base, start)
+            if fit:
+                info["output_fit"] = _fit_output(cfg, ctx, model, al, h_rows, start[1])
+                untied_methods += [m] if tied else []
             tensors["lm_head"] = np.ascontiguousarray(h_rows)
         save_file(tensors, str(out / "rows" / f"{m}.safetensors"))
         counts[m] = info
@@ -298,7 +330,7 @@ def run(cfg: Config, ctx: Context, out: Path) -> dict:
 
     how = al["how"]
     info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
-            "untied_methods": [m for m in methods if m == "extend"],
+            "untied_methods": untied_methods,
             "start_token": {"target": start[0], "source": start[1]},
             "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
             "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special", "sparse"))}}
