@@ -109,7 +109,7 @@ def write_inputs(root: Path, src_tok, tgt_tok, tied: bool, vectors: str = "plant
 def config(**kw) -> Config:
     return Config(source_model="unused", target_tokenizer="unused", corpus="unused",
                   pivot_count=kw.pop("pivot_count", 40), similarity_threshold=kw.pop("similarity_threshold", 0.5),
-                  alignment=AlignmentConfig(**kw.pop("alignment", {})), **kw)
+                  alignment=AlignmentConfig(**{"calibrate": False, **kw.pop("alignment", {})}), **kw)
 
 
 def run_align_init(root: Path, ctx: Context, cfg: Config) -> tuple[dict, dict]:
@@ -521,3 +521,36 @@ def test_fitted_output_rows_untie_a_tied_head_and_keep_every_other_row(tmp_path,
     run_align_init(tmp_path / "c", same, config(alignment={"output_rows": "fit"}))
     rows = load_file(str(tmp_path / "c" / "init" / "rows" / "tokalign.safetensors"))
     assert ("lm_head" in rows) is (not tied)  # nothing to fit: a tied source stays tied
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_calibration_lowers_output_rows_along_one_direction_and_leaves_specials(tmp_path, tied):
+    """alignment.calibrate: ours' output rows (the tied embedding, else the head) move along one direction only,
+    special tokens do not move, the input rows of an untied model do not either; identical tokenizers are not
+    calibrated (the model stays the source's, bit for bit)."""
+    from safetensors.numpy import load_file
+
+    src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
+    rows = {}
+    for name, on in (("on", True), ("off", False)):
+        ctx = write_inputs(tmp_path / name, src_tok, tgt_tok, tied)
+        run_align_init(tmp_path / name, ctx, config(pivot_count=12, init_methods=["tokalign"],
+                                                    alignment={"min_precision": 0.0, "calibrate": on,
+                                                               "calibrate_positions": 200}))
+        rows[name] = load_file(str(tmp_path / name / "init" / "rows" / "tokalign.safetensors"))
+    key = "embed" if tied else "lm_head"
+    delta = rows["on"][key].astype(np.float64) - rows["off"][key]
+    moved = np.abs(delta).max(1) > 0
+    assert moved.sum() > 10
+    s = np.linalg.svd(delta[moved], compute_uv=False)
+    assert s[1] < 1e-4 * s[0]  # every change is a multiple of one direction
+    assert not moved[np.asarray(tgt_tok.all_special_ids)].any()
+    if not tied:
+        assert np.array_equal(rows["on"]["embed"], rows["off"]["embed"])
+    info = json.loads((tmp_path / "on" / "init" / "info.json").read_text())["counts"]["tokalign"]["calibration"]
+    assert info["rows_lowered"] == int(moved.sum()) and info["min_offset"] < 0 and info["positions"] == 200
+
+    same = write_inputs(tmp_path / "same", src_tok, source_tokenizer(), tied, vectors="same")
+    run_align_init(tmp_path / "same", same, config(alignment={"calibrate": True}))
+    t = load_file(str(tmp_path / "same" / "init" / "rows" / "tokalign.safetensors"))
+    assert t["embed"].tobytes() == toy_model(len(src_tok), tied).get_input_embeddings().weight.detach().numpy().tobytes()

@@ -130,6 +130,9 @@ class AlignmentConfig:
     output_rows: str = "tied"  # ours' output rows of new multi-piece tokens: "tied" (the rule of the input rows; a tied head stays tied) or "fit" (the first piece's output row plus a ridge fit to the source's log-probability of the rest, tokalign/output_rows.py; a tied head is untied); tied chosen on the dev split (module docstring)
     output_fit_tokens: int = 20000  # output_rows=fit: training positions (source tokenization) whose hidden states fit the rows
     output_ridge: float = 10.0  # output_rows=fit: ridge strength per 1,000 fitted positions
+    calibrate: bool = True  # ours: lower each output row whose token the initialised model predicts more often than the training text (target tokenizer) holds it, by about the log of the ratio (tokalign/calibrate.py); chosen on the dev split (module docstring)
+    calibrate_k: float = 1.0  # calibrate: the text's token frequencies are smoothed towards the model's own with this many pseudo-counts per text token; chosen on the dev split (module docstring)
+    calibrate_positions: int = 4000  # calibrate: training positions (target tokenization) whose hidden states it reads
     reference_pairs: Optional[str] = None  # JSON {target id: source id} a reference alignment; align/bleu1 then scores against it instead of the source tokenization
 
     def __post_init__(self) -> None:
@@ -149,6 +152,8 @@ class AlignmentConfig:
         _check(self.output_rows in ("tied", "fit"), "alignment.output_rows", "tied or fit", self.output_rows)
         _check(self.output_fit_tokens >= 0, "alignment.output_fit_tokens", ">= 0", self.output_fit_tokens)
         _check(self.output_ridge > 0, "alignment.output_ridge", "> 0", self.output_ridge)
+        _check(self.calibrate_k > 0, "alignment.calibrate_k", "> 0", self.calibrate_k)
+        _check(self.calibrate_positions >= 1, "alignment.calibrate_positions", ">= 1", self.calibrate_positions)
         _check(self.focus_k >= 1 and self.omp_k >= 1, "alignment.focus_k/omp_k", ">= 1", (self.focus_k, self.omp_k))
         _check(self.sparse_candidates >= max(self.focus_k, self.omp_k), "alignment.sparse_candidates",
                ">= alignment.focus_k and alignment.omp_k", self.sparse_candidates)

@@ -29,7 +29,9 @@ treatment from the source head's rows; a tied model stays tied):
   ``alignment.unseen_scale``. Its piece compositions weigh each piece by its length in bytes
   (``alignment.piece_weights=bytes``): every byte of the new token counts the same, so a one-letter fragment
   does not weigh as much as the word stem it follows.
-  With a target tokenizer identical to the source one it is a bit-for-bit copy.
+  With ``alignment.calibrate`` (the default) every output row whose token the initialised model predicts more often
+  than the training text holds it is then lowered by about the log of the ratio (``tokalign/calibrate.py``; special
+  tokens never). With a target tokenizer identical to the source one it is a bit-for-bit copy (nothing calibrated).
 
 Every method, the baselines included, gives the target's document-start token (``metrics.start_token_id``:
 Qwen2's ``<|endoftext|>``) the source's document-start row (SmolLM2's ``<|endoftext|>``): that token is the
@@ -51,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,6 +68,7 @@ from tokalign.errors import TokalignError
 from tokalign.artifacts import docs_of, load_stream
 from tokalign.extend_rows import ExtendSettings, extend_rows
 from tokalign.modelfacts import is_tied, untie
+from tokalign.calibrate import calibrate_rows
 from tokalign.output_rows import fit_output_rows
 
 log = logging.getLogger(__name__)
@@ -271,77 +275,134 @@ def _fit_output(cfg: Config, ctx: Context, model: Any, al: dict, h_rows: np.ndar
     return {**info, "rows": int(len(new))}
 
 
-def run(cfg: Config, ctx: Context, out: Path) -> dict:
-    from safetensors.numpy import save_file
+def has_new_tokens(al: dict) -> bool:
+    """Whether the target has tokens that are neither gold nor special (an identical tokenizer has none: its model is
+    the source's, bit for bit, and nothing is calibrated)."""
+    return bool(((al["how"] != A.HOW_GOLD) & (al["how"] != A.HOW_SPECIAL)).any())
 
-    t0 = time.time()
+
+def _calibrate(cfg: Config, ctx: Context, src_dir: Path, tok: Any, al: dict, e_rows: np.ndarray,
+               h_rows: Optional[np.ndarray], start: Optional[int]) -> dict:
+    """Ours with ``alignment.calibrate``: every output row (``h_rows``, else the tied ``e_rows``) lowered where the
+    initialised model predicts its token more often than the training text holds it (``tokalign/calibrate.py``),
+    special tokens left alone; the rows change in place."""
+    t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
+    counts = np.bincount(np.asarray(t_ids, dtype=np.int64), minlength=len(tok))[:len(tok)]
+    keep = al["how"] == A.HOW_SPECIAL
+    keep[[i for i in tok.all_special_ids if 0 <= i < len(tok)]] = True
+    model = build_model(refs.load_model(str(src_dir / "model"), dtype="float32"), tok, e_rows, h_rows)
+    model.eval()
+    prefix = [] if start is None else [start]
+    docs = [prefix + d.tolist() for d in docs_of(t_ids, t_off)]
+    a = cfg.alignment
+    offsets, info = calibrate_rows(model, docs, counts, positions=a.calibrate_positions, k=a.calibrate_k, keep=keep)
+    (e_rows if h_rows is None else h_rows)[...] += offsets
+    return info
+
+
+@dataclass
+class Inputs:
+    """What every method's rows are built from: the target tokenizer, the source model and its matrices, the
+    alignment, and the rules' shared facts."""
+
+    tok: Any
+    src_tok: Any
+    src_dir: Path
+    al: dict
+    model: Any
+    emb: np.ndarray
+    head: Optional[np.ndarray]  # None: tied
+    special: np.ndarray  # source special-token mask
+    weights: Optional[np.ndarray]  # ours' piece weights (alignment.piece_weights=bytes)
+    start: tuple[Optional[int], Optional[int]]  # (target, source) document-start tokens
+
+
+def load_inputs(cfg: Config, ctx: Context) -> Inputs:
     src_dir, align_dir, tok_dir = ctx.path("source"), ctx.path("align"), ctx.path("tokenize")
-    methods = list(dict.fromkeys(cfg.init_methods))  # non-empty, known names: Config.__post_init__
-    primary = next((m for m in ("extend", "tokalign") if m in methods), methods[0])
     tok = refs.load_tokenizer(str(tok_dir / "target_tokenizer"))
     src_tok = refs.load_tokenizer(str(src_dir / "model"))
     al = load_alignment(align_dir / "alignment.npz", len(tok))
     model = refs.load_model(str(src_dir / "model"), dtype="float32")
-    tied = is_tied(model)
     emb = model.get_input_embeddings().weight.detach().cpu().numpy()
-    head = None if tied else model.get_output_embeddings().weight.detach().cpu().numpy()
+    head = None if is_tied(model) else model.get_output_embeddings().weight.detach().cpu().numpy()
     v_s = int(al["source_vocab"])
     if emb.shape[0] < v_s:
         raise InitInputError(f"{align_dir / 'alignment.npz'}: key 'source_vocab' is {v_s} but the source model "
                              f"has only {emb.shape[0]} embedding rows")
     special = source_special_mask(v_s, refs.special_token_roles(src_tok), getattr(src_tok, "all_special_ids", []))
     weights = piece_byte_weights(src_tok, v_s) if cfg.alignment.piece_weights == "bytes" else None
+    return Inputs(tok, src_tok, src_dir, al, model, emb, head, special, weights,
+                  (M.start_token_id(tok), M.start_token_id(src_tok)))
 
-    start = (M.start_token_id(tok), M.start_token_id(src_tok))  # (target, source) document-start tokens
+
+def method_rows(m: str, cfg: Config, ctx: Context, x: Inputs) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
+    """``(input rows, output rows or None where the head stays tied, info)`` of one method."""
+    if m == "extend":
+        return _extend(cfg, ctx, x.model, x.tok, x.src_tok, x.start[0])
+    kw = dict(seed=cfg.seed, source_special=x.special, piece_weight=x.weights)
+    e_rows, info = build_rows(m, x.emb, x.al, salt=0, **kw)
+    same_start(e_rows, x.emb, x.start)
+    h_rows = None
+    fit = m == "tokalign" and cfg.alignment.output_rows == "fit" and len(fit_targets(x.al)) > 0
+    if x.head is not None or fit:
+        base = x.emb if x.head is None else x.head
+        h_rows, _ = build_rows(m, base, x.al, salt=1, **kw)
+        same_start(h_rows, base, x.start)
+        if fit:
+            info["output_fit"] = _fit_output(cfg, ctx, x.model, x.al, h_rows, x.start[1])
+    if m == "tokalign" and cfg.alignment.calibrate and has_new_tokens(x.al):
+        info["calibration"] = _calibrate(cfg, ctx, x.src_dir, x.tok, x.al, e_rows, h_rows, x.start[0])
+    return e_rows, h_rows, info
+
+
+def _metrics(counts: dict, seconds: float, vocab: int, tied: bool) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"init/seconds": seconds, "init/vocab_size": vocab, "init/tied": int(tied)}
+    if "fvt_empty" in counts.get("fvt", {}):
+        metrics["init/fvt_empty"] = counts["fvt"]["fvt_empty"]
+    cal = counts.get("tokalign", {}).get("calibration")
+    if cal:
+        metrics.update({"init/calibrated_rows": cal["rows_lowered"], "init/calibrated_mass": cal["mass_lowered"],
+                        "init/calibration_h_dot_u_std": cal["h_dot_u_std"]})
+    if "random_rows" in counts.get("tokalign_1to1", {}):
+        metrics["init/tokalign_1to1_random_rows"] = counts["tokalign_1to1"]["random_rows"]
+    return metrics
+
+
+def run(cfg: Config, ctx: Context, out: Path) -> dict:
+    from safetensors.numpy import save_file
+
+    t0 = time.time()
+    methods = list(dict.fromkeys(cfg.init_methods))  # non-empty, known names: Config.__post_init__
+    primary = next((m for m in ("extend", "tokalign") if m in methods), methods[0])
+    x = load_inputs(cfg, ctx)
+    tied, tok, start = x.head is None, x.tok, x.start
     (out / "rows").mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict] = {}
-    untied_methods = ["extend"] if "extend" in methods else []  # methods that give a tied source a head of its own
+    untied_methods = []  # methods that give a tied source a head of its own
     primary_rows: tuple[np.ndarray, Optional[np.ndarray]] = (np.empty(0), None)
     for m in methods:
-        if m == "extend":
-            e_rows, h_rows, info = _extend(cfg, ctx, model, tok, src_tok, start[0])
-            save_file({"embed": e_rows, "lm_head": h_rows}, str(out / "rows" / "extend.safetensors"))
-            counts[m] = info
-            if m == primary:
-                primary_rows = (e_rows, h_rows)
-            continue
-        e_rows, info = build_rows(m, emb, al, seed=cfg.seed, salt=0, source_special=special, piece_weight=weights)
-        same_start(e_rows, emb, start)
+        e_rows, h_rows, counts[m] = method_rows(m, cfg, ctx, x)
         tensors = {"embed": np.ascontiguousarray(e_rows)}
-        h_rows = None
-        fit = m == "tokalign" and cfg.alignment.output_rows == "fit" and len(fit_targets(al)) > 0
-        if not tied or fit:
-            base = emb if head is None else head
-            h_rows, _ = build_rows(m, base, al, seed=cfg.seed, salt=1, source_special=special, piece_weight=weights)
-            same_start(h_rows, base, start)
-            if fit:
-                info["output_fit"] = _fit_output(cfg, ctx, model, al, h_rows, start[1])
-                untied_methods += [m] if tied else []
+        if h_rows is not None:
             tensors["lm_head"] = np.ascontiguousarray(h_rows)
+            untied_methods += [m] if tied else []
         save_file(tensors, str(out / "rows" / f"{m}.safetensors"))
-        counts[m] = info
         if m == primary:
             primary_rows = (e_rows, h_rows)
         log.info("init: rows for %s written", m)
-    model = build_model(model, tok, primary_rows[0], primary_rows[1])
+    model = build_model(x.model, tok, primary_rows[0], primary_rows[1])
     model.save_pretrained(out / "model", safe_serialization=True)
     tok.save_pretrained(out / "model")
     verify_saved(out / "model", primary_rows[0])
 
-    how = al["how"]
+    how = x.al["how"]
     info = {"primary": primary, "methods": methods, "tied": tied, "vocab_size": int(len(tok)),
             "untied_methods": untied_methods,
             "start_token": {"target": start[0], "source": start[1]},
-            "hidden_size": int(emb.shape[1]), "source_vocab": v_s, "padded_to": None, "counts": counts,
-            "how": {name: int((how == code).sum()) for code, name in enumerate(("gold", "aligned", "fvt", "special", "sparse"))}}
+            "hidden_size": int(x.emb.shape[1]), "source_vocab": int(x.al["source_vocab"]), "padded_to": None,
+            "counts": counts, "how": {name: int((how == code).sum()) for code, name in A.HOW_NAMES.items()}}
     (out / "info.json").write_text(json.dumps(info, indent=1))
     seconds = round(time.time() - t0, 3)
-    metrics: dict[str, Any] = {"init/seconds": seconds, "init/vocab_size": int(len(tok)), "init/tied": int(tied)}
-    if "fvt_empty" in counts.get("fvt", {}):
-        metrics["init/fvt_empty"] = counts["fvt"]["fvt_empty"]
-    if "random_rows" in counts.get("tokalign_1to1", {}):
-        metrics["init/tokalign_1to1_random_rows"] = counts["tokalign_1to1"]["random_rows"]
-    # how far the primary rows are from plain FVT: the share of rows that the alignment changed
     ctx.tracker.summary({"init/primary": primary})
     log.info("init: %s (%d rows, tied=%s) in %.1fs", ", ".join(methods), len(tok), tied, seconds)
-    return metrics
+    return _metrics(counts, seconds, int(len(tok)), tied)
