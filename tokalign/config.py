@@ -31,6 +31,14 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   the 66 dev abstracts of the Qwen2 run: 1.6957 against 1.1264 bits per byte, +0.5693 [+0.5348, +0.6052]; ``python
   scripts/tune_dev.py --key alignment.output_rows --values tied,fit``, ``scripts/results/tune_output_rows.json``;
   ``output_fit_tokens`` and ``output_ridge`` are ``extend``'s hand-set values, not tuned);
+  ``alignment.calibrate=true`` and ``alignment.calibrate_k=1.0`` (the unigram calibration of ours' output rows,
+  ``tokalign/calibrate.py``: on the 66 dev abstracts of the Qwen2 run off 1.1264, on 1.1120, off minus on +0.0144
+  [+0.0125, +0.0164] bits per byte; ``python scripts/tune_dev.py --key alignment.calibrate --values false,true``,
+  ``scripts/results/tune_calibrate.json``; ``calibrate_k`` 0.5 +0.0009 [-0.0001, +0.0019], 1.0 best, 3.0 +0.0050
+  [+0.0039, +0.0061]; ``python scripts/tune_dev.py --key alignment.calibrate_k --values 0.5,1.0,3.0``,
+  ``scripts/results/tune_calibrate_k.json``; checked on a second family, the Llama-3 dev split: off minus on +0.0423
+  [+0.0367, +0.0481], ``scripts/results/tune_calibrate_llama3.json``; ``calibrate_positions=4000`` sized for time,
+  not tuned);
   ``domain_vocab.init_steps=150`` (method ``extend``, ``experiment=domain_vocab``, 300 new tokens: on the 66 dev
   abstracts, whole, 0 steps 1.1911, 50 steps 1.1054, 150 steps 1.0753 bits per byte, the paired differences to 150
   +0.1159 [+0.1063, +0.1255] and +0.0301 [+0.0245, +0.0364]; the source scores 0.9587 there; more steps were not
