@@ -139,6 +139,10 @@ def test_extend_rows_keep_old_rows_and_fit_new_output_rows():
     assert not np.array_equal(e[-1], h[-1])  # input and output rows differ: the head is untied
     with pytest.raises(ExtendError, match="extend"):
         extend_rows(model, src, tok, docs, tdocs, 1, s)  # the "target" does not extend the "source"
+    # ours' calibration leaves the old rows of such a vocabulary alone (stage init asks this)
+    from tokalign.stages.init import extends_source
+
+    assert extends_source(tok, src) and not extends_source(src, tok) and not extends_source(src, src)
 
 
 def test_extend_is_refused_for_a_cross_family_target():

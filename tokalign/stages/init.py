@@ -42,7 +42,8 @@ The vocabulary is ``len(target tokenizer)`` rows, not padded to a multiple of 64
 
 Writes ``model/`` (the primary method: ``extend`` when listed, else ``tokalign`` when listed, else the first; safetensors, the
 target tokenizer, ``vocab_size`` and BOS/EOS/PAD/UNK ids from the target tokenizer),
-``rows/<method>.safetensors`` (``embed`` [V_t, hidden], plus ``lm_head`` only when untied) and
+``rows/<method>.safetensors`` (``embed`` [V_t, hidden], plus ``lm_head`` where the method has a head of its own:
+an untied source, ``extend``, ours with ``alignment.output_rows=fit``) and
 ``info.json`` {"primary", "methods", "tied", "vocab_size", "hidden_size", "counts": {...}}.
 
 Run alone:  python -m tokalign init_methods=[fvt,tokalign]   (the pipeline caches this stage)
@@ -281,16 +282,24 @@ def has_new_tokens(al: dict) -> bool:
     return bool(((al["how"] != A.HOW_GOLD) & (al["how"] != A.HOW_SPECIAL)).any())
 
 
-def _calibrate(cfg: Config, ctx: Context, src_dir: Path, tok: Any, al: dict, e_rows: np.ndarray,
-               h_rows: Optional[np.ndarray], start: Optional[int]) -> dict:
+def extends_source(tok: Any, src_tok: Any) -> bool:
+    """Whether the target vocabulary is the source's plus new tokens (``target_tokenizer=domain``)."""
+    sv, tv = src_tok.get_vocab(), tok.get_vocab()
+    return len(tok) > len(src_tok) and all(tv.get(t) == i for t, i in sv.items())
+
+
+def _calibrate(cfg: Config, ctx: Context, x: "Inputs", e_rows: np.ndarray, h_rows: Optional[np.ndarray]) -> dict:
     """Ours with ``alignment.calibrate``: every output row (``h_rows``, else the tied ``e_rows``) lowered where the
     initialised model predicts its token more often than the training text holds it (``tokalign/calibrate.py``),
-    special tokens left alone; the rows change in place."""
+    special tokens left alone, and a domain vocabulary's old rows too; the rows change in place."""
+    tok, src_tok, al, start = x.tok, x.src_tok, x.al, x.start[0]
     t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
     counts = np.bincount(np.asarray(t_ids, dtype=np.int64), minlength=len(tok))[:len(tok)]
     keep = al["how"] == A.HOW_SPECIAL
     keep[[i for i in tok.all_special_ids if 0 <= i < len(tok)]] = True
-    model = build_model(refs.load_model(str(src_dir / "model"), dtype="float32"), tok, e_rows, h_rows)
+    if extends_source(tok, src_tok):  # a domain vocabulary: the old rows stay the source's, bit for bit
+        keep[:len(src_tok)] = True
+    model = build_model(refs.load_model(str(x.src_dir / "model"), dtype="float32"), tok, e_rows, h_rows)
     model.eval()
     prefix = [] if start is None else [start]
     docs = [prefix + d.tolist() for d in docs_of(t_ids, t_off)]
@@ -351,7 +360,7 @@ def method_rows(m: str, cfg: Config, ctx: Context, x: Inputs) -> tuple[np.ndarra
         if fit:
             info["output_fit"] = _fit_output(cfg, ctx, x.model, x.al, h_rows, x.start[1])
     if m == "tokalign" and cfg.alignment.calibrate and has_new_tokens(x.al):
-        info["calibration"] = _calibrate(cfg, ctx, x.src_dir, x.tok, x.al, e_rows, h_rows, x.start[0])
+        info["calibration"] = _calibrate(cfg, ctx, x, e_rows, h_rows)
     return e_rows, h_rows, info
 
 
