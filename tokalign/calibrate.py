@@ -75,7 +75,7 @@ def calibrate_rows(model: Any, docs: Sequence[Sequence[int]], counts: np.ndarray
     from tokalign.output_rows import hidden_states
 
     t0 = time.time()
-    H, _, _ = hidden_states(model, docs, positions)
+    H, _, _ = hidden_states(model, docs, positions, with_gains=False)
     W = model.get_output_embeddings().weight.detach().float()
     u = logit_direction(H)
     hu = (H @ u).numpy()

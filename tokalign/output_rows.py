@@ -60,9 +60,10 @@ def occurrences(docs: Sequence[Sequence[int]], gains: Sequence[Any], pieces: Seq
     return np.asarray(toks, dtype=np.int64), np.asarray(pos, dtype=np.int64), np.asarray(val, dtype=np.float64)
 
 
-def hidden_states(model: Any, docs: Sequence[Sequence[int]], fit_tokens: int, max_len: int = 512
-                  ) -> tuple[Any, list[list[int]], list[Any]]:
-    """Hidden states of up to ``fit_tokens`` predicting positions, with the documents (cut to fit) and gains."""
+def hidden_states(model: Any, docs: Sequence[Sequence[int]], fit_tokens: int, max_len: int = 512,
+                  with_gains: bool = True) -> tuple[Any, list[list[int]], list[Any]]:
+    """Hidden states of up to ``fit_tokens`` predicting positions, with the documents (cut to fit) and, unless
+    ``with_gains`` is off (no pass through the head), the log-probability of each next token."""
     import torch
 
     hs, kept, gains, n = [], [], [], 0
@@ -72,10 +73,14 @@ def hidden_states(model: Any, docs: Sequence[Sequence[int]], fit_tokens: int, ma
         ids = list(ids)[: min(max_len, fit_tokens - n + 1)]
         if len(ids) < 2:
             continue
-        h, g = next_token_logprobs(model, ids)
+        if with_gains:
+            h, g = next_token_logprobs(model, ids)
+            gains.append(g.numpy())
+        else:
+            with torch.no_grad():
+                h = model.base_model(torch.tensor([ids])).last_hidden_state[0, :-1].float()
         hs.append(h)
         kept.append(ids)
-        gains.append(g.numpy())
         n += len(ids) - 1
     d = model.get_output_embeddings().weight.shape[1]
     return (torch.cat(hs) if hs else torch.zeros(0, d)), kept, gains
