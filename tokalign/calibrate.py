@@ -34,9 +34,9 @@ def logit_direction(H: Any, ridge: float = 10.0) -> Any:
     1,000 rows)."""
     import torch
 
-    Hd = H.double()
-    gram = Hd.T @ Hd + ridge * max(len(H), 1) / 1000 * torch.eye(H.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(gram, Hd.sum(0)).float()
+    from tokalign.output_rows import ridge_gram
+
+    return torch.linalg.solve(ridge_gram(H, ridge), H.double().sum(0)).float()
 
 
 def mean_probs(H: Any, W: Any, b: np.ndarray, chunk: int = 500) -> np.ndarray:

@@ -86,6 +86,15 @@ def hidden_states(model: Any, docs: Sequence[Sequence[int]], fit_tokens: int, ma
     return (torch.cat(hs) if hs else torch.zeros(0, d)), kept, gains
 
 
+def ridge_gram(H: Any, ridge: float) -> Any:
+    """``HᵀH + λI`` in float64, ``λ`` = ``ridge`` per 1,000 rows of ``H``: the ridge regressions on hidden states
+    here and in ``tokalign/calibrate.py``."""
+    import torch
+
+    Hd = H.double()
+    return Hd.T @ Hd + ridge * max(len(H), 1) / 1000 * torch.eye(H.shape[1], dtype=torch.float64)
+
+
 def fit_output_rows(model: Any, docs: Sequence[Sequence[int]], pieces: Sequence[Sequence[int]], head: Any, *,
                     fit_tokens: int, ridge: float, unseen: Optional[float] = None) -> tuple[Any, dict]:
     """``head[p1] + δ_t`` for every token of ``pieces`` (the module docstring); ``head`` the source's output rows
@@ -96,9 +105,8 @@ def fit_output_rows(model: Any, docs: Sequence[Sequence[int]], pieces: Sequence[
     t0 = time.time()
     H, kept, gains = hidden_states(model, docs, fit_tokens)
     toks, pos, val = occurrences(kept, gains, pieces)
-    T, d = len(pieces), H.shape[1]
-    gram = (H.T @ H).double() + ridge * max(len(H), 1) / 1000 * torch.eye(d, dtype=torch.float64)
-    inv = torch.linalg.inv(gram)
+    T = len(pieces)
+    inv = torch.linalg.inv(ridge_gram(H, ridge))
     seen_n = np.bincount(toks, minlength=T)
     seen_sum = np.bincount(toks, weights=val, minlength=T)
     seen = seen_n > 0
