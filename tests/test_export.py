@@ -317,3 +317,21 @@ def test_preflight_refuses_gguf_export_it_cannot_do(tmp_path, monkeypatch):
     monkeypatch.setenv(llamacpp.CONVERTER_ENV, str(tmp_path))  # no converter there
     with pytest.raises(PreflightError, match="install_llama_cpp.sh"):
         check_export(make_cfg(export=ExportConfig(enabled=True)))
+
+
+@needs_llama_cpp
+def test_a_llama_cpp_built_with_amx_is_refused_before_any_work(monkeypatch):
+    """A native build on an AMX CPU segfaulted in ggml_backend_amx_mul_mat on the demo model's quantized GGUFs (CI,
+    llama-cpp-python 0.3.36): preflight names the rebuild instead of a crash after the export."""
+    import llama_cpp
+
+    from tokalign.config import ExportConfig
+    from tokalign.stages.preflight import PreflightError, check_export
+
+    info = llama_cpp.llama_print_system_info().replace(b"AVX2 = 1 |", b"AVX2 = 1 | AMX_INT8 = 1 |")
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info)
+    monkeypatch.delenv(llamacpp.AMX_ENV, raising=False)
+    with pytest.raises(PreflightError, match="built with AMX.*install_llama_cpp.sh"):
+        check_export(make_cfg(export=ExportConfig(enabled=True, gguf_types=["q8_0"])))
+    monkeypatch.setenv(llamacpp.AMX_ENV, "1")
+    assert "llama_cpp_converter" in check_export(make_cfg(export=ExportConfig(enabled=True, gguf_types=["q8_0"])))

@@ -47,7 +47,9 @@ def mean_probs(H: Any, W: Any, b: np.ndarray, chunk: int = 500) -> np.ndarray:
     q = torch.zeros(W.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, len(H), chunk):
-            q += torch.softmax(H[i:i + chunk] @ W.T + bias, -1).double().sum(0)
+            z = torch.addmm(bias, H[i:i + chunk], W.T)  # in place from here on: one [chunk, V] buffer
+            z.sub_(z.amax(1, keepdim=True)).exp_()
+            q += (z.sum(1).reciprocal() @ z).double()  # each row's softmax, summed over the rows
     return (q / max(len(H), 1)).numpy()
 
 

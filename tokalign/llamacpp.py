@@ -35,6 +35,7 @@ CONVERTER_ENV = "TOKALIGN_LLAMA_CPP"  # folder holding convert_hf_to_gguf.py (wi
 DEFAULT_HOME = Path("~/.cache/tokalign/llama.cpp")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes itself
 INSTALL_HINT = "bash scripts/install_llama_cpp.sh"
+AMX_ENV = "TOKALIGN_LLAMA_CPP_AMX"  # 1: use a llama.cpp built with AMX despite the crash it had here
 
 
 class ExportError(TokalignError, ValueError):
@@ -47,6 +48,10 @@ def llama_cpp_module() -> Any:
     except ImportError as e:
         raise ExportError(f"llama-cpp-python is not installed (needed to quantize, check and serve GGUF files): "
                           f"run `{INSTALL_HINT}`") from e
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() and os.environ.get(AMX_ENV) != "1":
+        raise ExportError(f"llama-cpp-python {llama_cpp.__version__} was built with AMX (a native build on an AMX CPU), "
+                          f"whose quantized matmul crashes (SIGSEGV) on the demo model's GGUFs: rebuild it with "
+                          f"`{INSTALL_HINT}` (GGML_NATIVE=OFF), or set {AMX_ENV}=1 to use it anyway")
     return llama_cpp
 
 

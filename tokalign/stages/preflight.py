@@ -83,6 +83,7 @@ def check_export(cfg: Config) -> dict:
 
     try:
         converter = llamacpp.find_converter(cfg.export.converter)
+        llamacpp.llama_cpp_module()  # installed, and not a build known to crash
         llamacpp.check_types(cfg.export.gguf_types)
     except llamacpp.ExportError as e:
         raise PreflightError(f"preflight: {e} (GGUF export is on: export.enabled=true)") from e
