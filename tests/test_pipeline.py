@@ -88,7 +88,9 @@ def test_stage_list_reads_only_earlier_stages():
     for st in STAGES:
         assert set(st.inputs) <= seen, st.name
         seen.add(st.name)
-    assert [s.name for s in STAGES][:9] == ["preflight", "corpus", "source", "domain_vocab", "tokenize", "terms", "embed", "align", "init"]
+    # instruct early: bad instruction data fails before any training
+    assert [s.name for s in STAGES][:10] == ["preflight", "corpus", "source", "instruct", "domain_vocab", "tokenize",
+                                             "terms", "embed", "align", "init"]
 
 
 def test_cuda_cache_is_released_after_every_stage_that_ran_even_a_failing_one(tmp_path, monkeypatch):

@@ -72,6 +72,10 @@ STAGES: list[Stage] = [
                                      "holdout_fraction", "dev_fraction", "allow_eval_overlap", "eval.pubmedqa_file",
                                      "eval.pubmedqa_test_ids")),  # not corpus_max_bad_share: it only decides failure
     Stage("source", source.run, (), ("source_model", "allow_pickle", "trust_remote_code")),
+    Stage("instruct", instruct.run, ("corpus",), ("adapters.sources", "adapters.domains", "adapters.min_words",
+                                                "adapters.max_words", "adapters.max_records_per_source",
+                                                "adapters.max_records_per_domain", "adapters.split", "adapters.split_seed"),
+          when=lambda cfg: cfg.adapters.enabled),  # early: bad instruction data stops the run before any training
     Stage("domain_vocab", domain_vocab.run, ("corpus", "source"), ("domain_vocab.size", "domain_vocab.min_freq",
                                                                   "domain_vocab.kinds", "domain_vocab.max_phrase_words",
                                                                   "domain_vocab.report_top"),  # the target, learned
@@ -100,10 +104,6 @@ STAGES: list[Stage] = [
     Stage("evaluate", evaluate.run_final, ("corpus", "source", "tokenize", "init", "evaluate_source", "evaluate_init",
                                            "train_stage1", "train_stage2"), ("eval", "hardware.dtype", "seed"),
           cached=False),
-    Stage("instruct", instruct.run, ("corpus",), ("adapters.sources", "adapters.domains", "adapters.min_words",
-                                                "adapters.max_words", "adapters.max_records_per_source",
-                                                "adapters.max_records_per_domain", "adapters.split", "adapters.split_seed"),
-          when=lambda cfg: cfg.adapters.enabled),
     Stage("adapters", adapters.run, ("instruct", "source", "init", "train_stage1", "train_stage2"),
           ("adapters", "hardware.device", "hardware.dtype", "seed", "allow_pickle", "trust_remote_code"),
           resumable=True, when=lambda cfg: cfg.adapters.enabled),
