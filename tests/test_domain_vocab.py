@@ -145,6 +145,46 @@ def test_extend_rows_keep_old_rows_and_fit_new_output_rows():
     assert extends_source(tok, src) and not extends_source(src, tok) and not extends_source(src, src)
 
 
+def test_extend_distill_steps_pull_chunk_likelihoods_to_the_sources():
+    """``domain_vocab.init_objective=distill``: the steps lower the chunk loss against the source model (teacher =
+    the model itself under the source tokenization), move only the new rows, and start from the same rows as lm."""
+    import torch
+
+    from conftest import byte_tokenizer
+    from tokalign import distill
+    from tokalign.extend_rows import ChunkTeacher
+
+    src = byte_tokenizer()
+    built = D.build(D.backend_json(src), ["ab ab ab abc"] * 30, ["ab"], size=1, min_freq=2, kinds=["words"],
+                    max_phrase_words=2)
+    tok = D.to_hf(src, built.tokenizer_json)
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(src))
+    text = "ab ab abc ab ab ab abc ab"
+    docs = [[1] + src(text, add_special_tokens=False).input_ids for _ in range(20)]
+    tdocs = [tok(text, add_special_tokens=False).input_ids for _ in range(20)]
+    window = [1] + tdocs[0]
+
+    def chunk_gap(e, h) -> float:
+        with torch.no_grad():
+            x = torch.nn.functional.embedding(torch.tensor([window]), torch.from_numpy(e))
+            logits = model.base_model(inputs_embeds=x).last_hidden_state @ torch.from_numpy(h).T
+            return float(ChunkTeacher(model, tok, src, 1).loss(logits, torch.tensor([window]), [window]))
+
+    base = dict(fit_tokens=200, lr=0.1, window=32, batch=2, output="first")  # from the first piece's row
+    e0, h0, _ = extend_rows(model, tok, src, docs, tdocs, 1, ExtendSettings(steps=0, **base))
+    e1, h1, info = extend_rows(model, tok, src, docs, tdocs, 1, ExtendSettings(steps=40, objective="distill", **base))
+    assert info["objective"] == "distill" and info["steps"] == 40
+    assert np.array_equal(e1[:len(src)], e0[:len(src)]) and np.array_equal(h1[:len(src)], h0[:len(src)])
+    assert not np.array_equal(h1[-1], h0[-1])
+    assert chunk_gap(e1, h1) < 0.5 * chunk_gap(e0, h0)
+    assert len(distill.align_chunks(window, distill.token_bytes(tok), src).student) > 0
+    from tokalign.config import ConfigError, DomainVocabConfig
+
+    with pytest.raises(ConfigError, match="domain_vocab.init_objective"):
+        DomainVocabConfig(init_objective="kl")
+
+
 def test_extend_is_refused_for_a_cross_family_target():
     from tokalign.config import ConfigError
     from tokalign.cli import compose_cli

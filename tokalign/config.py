@@ -44,8 +44,12 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   +0.1159 [+0.1063, +0.1255] and +0.0301 [+0.0245, +0.0364]; the source scores 0.9587 there; more steps were not
   tried: each 100 cost about 3 minutes on 2 cores; ``python scripts/tune_dev.py --key domain_vocab.init_steps
   --values 0,50,150 --method extend --overrides "experiment=domain_vocab init_methods=[extend]"``,
-  ``scripts/results/tune_extend_steps.json``); ``domain_vocab.init_lr=3e-3`` and ``init_fit_tokens`` were set by
-  hand, not tuned;
+  ``scripts/results/tune_extend_steps.json``); ``domain_vocab.init_objective="lm"`` (the steps' next-token loss;
+  ``distill``, each chunk's likelihood pulled to the source model's, lost on the same 66 dev abstracts: lm 1.0763,
+  distill 1.0841, +0.0079 [+0.0045, +0.0115]; ``python scripts/tune_dev.py --key domain_vocab.init_objective
+  --values lm,distill --method extend --overrides "experiment=domain_vocab init_methods=[extend]"``,
+  ``scripts/results/tune_extend_objective.json``); ``domain_vocab.init_lr=3e-3`` and ``init_fit_tokens`` were set
+  by hand, not tuned;
 * taken from the published methods, not tuned here: ``alignment.focus_k=64`` (FOCUS's sparsemax is exact up to
   64 neighbours; the demo's supports fill all 64, logged as ``focus_truncated``), ``alignment.omp_k=8`` (a small sparse
   support, not tuned), ``alignment.sparse_candidates=256`` (sized for time: one top-256 search per new token);
@@ -430,6 +434,7 @@ class DomainVocabConfig:
     init_steps: int = 150  # init method extend: Adam steps on the new rows only (8 windows of 64 tokens each); chosen on the dev split (module docstring)
     init_lr: float = 3e-3  # init method extend: their learning rate
     init_output: str = "fit"  # init method extend, output rows before the steps: fit (the first piece's row plus a ridge fit to the source's log-probability of the rest) or first (the first piece's row: the ablation)
+    init_objective: str = "lm"  # init method extend, the steps' loss: lm (next-token) or distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py); chosen on the dev split (module docstring)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "domain_vocab.size", ">= 1", self.size)
@@ -443,6 +448,8 @@ class DomainVocabConfig:
         _check(self.init_steps >= 0, "domain_vocab.init_steps", ">= 0", self.init_steps)
         _check(self.init_lr > 0, "domain_vocab.init_lr", "> 0", self.init_lr)
         _check(self.init_output in ("fit", "first"), "domain_vocab.init_output", "fit or first", self.init_output)
+        _check(self.init_objective in ("lm", "distill"), "domain_vocab.init_objective", "lm or distill",
+               self.init_objective)
 
 
 @dataclass

@@ -12,8 +12,11 @@ spelled by source pieces ``p1 … pk``:
    on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
    elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string
    (``output="first"``, ``domain_vocab.init_output=first``: ``head[p1]`` alone, the ablation);
-3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen) with the next-token loss
-   on training windows under the new tokenization that hold a new token.
+3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen) on training windows
+   under the new tokenization that hold a new token, with the next-token loss (``objective="lm"``) or, with
+   ``objective="distill"`` (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py``
+   with the source model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's
+   log-likelihood of the same bytes under its own tokenization.
 
 Settings (``domain_vocab.init_*``) were chosen on the dev split (``config.py`` says how).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +50,7 @@ class ExtendSettings:
     ridge: float = 10.0  # ridge strength per 1,000 fitted positions
     seed: int = 0
     output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
+    objective: str = "lm"  # step 3's loss: "lm" (next-token) or "distill" (chunk likelihoods matched to the source's)
 
 
 def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
@@ -82,8 +86,32 @@ def windows(docs: Sequence[Sequence[int]], v_s: int, start: int, size: int, seed
     return out
 
 
-def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[list[int]], s: ExtendSettings) -> dict:
-    """Step 3: Adam on the rows ``v_s …`` of ``emb`` and ``head`` (tensors changed in place)."""
+class ChunkTeacher:
+    """``objective="distill"``: the source model (``model`` itself, which still has only the old rows) scores each
+    window's text under the source tokenizer once; the loss is ``distill.chunk_loss``, the gap between the source's
+    and the new rows' log-likelihoods of each chunk of shared token boundaries (``tokalign/distill.py``)."""
+
+    def __init__(self, model: Any, tok: Any, src_tok: Any, start: int) -> None:
+        from tokalign import distill
+
+        self.model, self.src_tok, self.start, self.tb = model, src_tok, start, distill.token_bytes(tok)
+        self.scored: dict[tuple, tuple] = {}
+
+    def loss(self, logits: Any, ids: Any, batch: Sequence[list[int]]) -> Any:
+        from tokalign import distill
+
+        for w in batch:
+            if tuple(w) not in self.scored:
+                c = distill.align_chunks(w, self.tb, self.src_tok)
+                self.scored[tuple(w)] = (c, distill.teacher_logprobs(self.model, c.teacher_ids, self.start, "cpu"))
+        got = [self.scored[tuple(w)] for w in batch]
+        return distill.chunk_loss(logits, ids, [c for c, _ in got], [lp for _, lp in got])[0]
+
+
+def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[list[int]], s: ExtendSettings,
+                   teacher: Optional[ChunkTeacher] = None) -> dict:
+    """Step 3: Adam on the rows ``v_s …`` of ``emb`` and ``head`` (tensors changed in place); the next-token loss,
+    or ``teacher``'s chunk loss when one is given."""
     import torch
     import torch.nn.functional as F
 
@@ -97,10 +125,13 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
         ids = torch.tensor([w + [0] * (n - len(w)) for w in batch])
         mask = torch.tensor([[1] * len(w) + [0] * (n - len(w)) for w in batch])
         x = F.embedding(ids, torch.cat([emb[:v_s], emb[v_s:] + d_in]))
-        h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
+        h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         logits = h @ torch.cat([head[:v_s], head[v_s:] + d_out]).T
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if teacher is not None:
+            loss = teacher.loss(logits, ids, batch)
+        else:
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -135,7 +166,8 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
     wins = windows(target_docs, v_s, start, s.window, s.seed)
     if pieces and wins and s.steps > 0:
         torch.manual_seed(s.seed)
-        info.update(train_new_rows(model, emb, head, v_s, wins, s))
+        teacher = ChunkTeacher(model, tok, src_tok, start) if s.objective == "distill" else None
+        info.update(train_new_rows(model, emb, head, v_s, wins, s, teacher), objective=s.objective)
     info["windows"] = len(wins)
     e, h = emb.numpy().astype(np.float32), head.numpy().astype(np.float32)
     assert np.array_equal(e[:v_s], src_emb.numpy()) and np.array_equal(h[:v_s], src_head.numpy())
