@@ -27,16 +27,23 @@ import numpy as np
 log = logging.getLogger("tokalign")
 
 
-def next_token_logprobs(model: Any, ids: Sequence[int]) -> tuple[Any, Any]:
-    """``(h, g)`` of one document: final hidden states (the head's input) of every position but the last, and the
-    log-probability each gives the token that follows."""
+def final_hidden(model: Any, ids: Sequence[int]) -> Any:
+    """Final hidden states (the head's input) of one document's every position but the last."""
     import torch
 
     with torch.no_grad():
-        x = torch.tensor([list(ids)])
-        h = model.base_model(x).last_hidden_state[0, :-1].float()
+        return model.base_model(torch.tensor([list(ids)])).last_hidden_state[0, :-1].float()
+
+
+def next_token_logprobs(model: Any, ids: Sequence[int]) -> tuple[Any, Any]:
+    """``(h, g)`` of one document: ``final_hidden`` and the log-probability each position gives the token that
+    follows."""
+    import torch
+
+    h = final_hidden(model, ids)
+    with torch.no_grad():
         lp = torch.log_softmax(model.get_output_embeddings()(h).float(), -1)
-        return h, lp.gather(1, x[0, 1:, None])[:, 0]
+        return h, lp.gather(1, torch.tensor(list(ids))[1:, None])[:, 0]
 
 
 def occurrences(docs: Sequence[Sequence[int]], gains: Sequence[Any], pieces: Sequence[Sequence[int]]
@@ -77,8 +84,7 @@ def hidden_states(model: Any, docs: Sequence[Sequence[int]], fit_tokens: int, ma
             h, g = next_token_logprobs(model, ids)
             gains.append(g.numpy())
         else:
-            with torch.no_grad():
-                h = model.base_model(torch.tensor([ids])).last_hidden_state[0, :-1].float()
+            h = final_hidden(model, ids)
         hs.append(h)
         kept.append(ids)
         n += len(ids) - 1
