@@ -12,7 +12,7 @@ spelled by source pieces ``p1 … pk``:
    on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
    elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string
    (``output="first"``, ``domain_vocab.init_output=first``: ``head[p1]`` alone, the ablation);
-3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen) on training windows
+3. then ``steps`` Adam steps (learning rate constant or, ``schedule="cosine"``, cosine-decayed to 0) on the new rows only (input and output, every old row frozen) on training windows
    under the new tokenization that hold a new token, with the next-token loss (``objective="lm"``) or, with
    ``objective="distill"`` (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py``
    with the source model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's
@@ -51,6 +51,7 @@ class ExtendSettings:
     seed: int = 0
     output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
     objective: str = "lm"  # step 3's loss: "lm" (next-token) or "distill" (chunk likelihoods matched to the source's)
+    schedule: str = "constant"  # step 3's learning rate: "constant", or "cosine" (from lr down to 0 at the last step)
 
 
 def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
@@ -118,7 +119,9 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
     d_in = torch.zeros_like(emb[v_s:], requires_grad=True)
     d_out = torch.zeros_like(head[v_s:], requires_grad=True)
     opt = torch.optim.Adam([d_in, d_out], lr=s.lr)
-    losses, t0 = [], time.time()
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + np.cos(np.pi * step / s.steps)) if s.schedule == "cosine" else 1.0)
+    losses, t0, last_lr = [], time.time(), s.lr
     for step in range(s.steps):
         batch = [wins[(step * s.batch + k) % len(wins)] for k in range(s.batch)]
         n = max(len(w) for w in batch)
@@ -134,7 +137,9 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
+        last_lr = opt.param_groups[0]["lr"]
         opt.step()
+        sched.step()
         losses.append(loss.item())
         if (step + 1) % 10 == 0:
             log.info("init extend: step %d/%d, loss %.3f, %.0fs", step + 1, s.steps, np.mean(losses[-10:]),
@@ -142,7 +147,8 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
     with torch.no_grad():
         emb[v_s:] += d_in
         head[v_s:] += d_out
-    return {"steps": s.steps, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+    return {"steps": s.steps, "schedule": s.schedule, "last_lr": last_lr,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(time.time() - t0, 1)}
 
 

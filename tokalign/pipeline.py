@@ -89,7 +89,9 @@ STAGES: list[Stage] = [
     Stage("init", init.run, ("tokenize", "align", "source"), ("init_methods", "seed",
                                                                *(f"alignment.{k}" for k in INIT_ONLY_ALIGNMENT_KEYS)),
           keys_if=lambda cfg: ("domain_vocab.init_fit_tokens", "domain_vocab.init_steps", "domain_vocab.init_lr",
-                             "domain_vocab.init_output", "domain_vocab.init_objective")
+                             "domain_vocab.init_output", "domain_vocab.init_objective",
+                             # only when not constant: rows cached before the key existed stay valid
+                             *(("domain_vocab.init_schedule",) if cfg.domain_vocab.init_schedule != "constant" else ()))
           if "extend" in cfg.init_methods else ()),
     Stage("evaluate_source", evaluate.run_source, ("corpus", "source"), ("eval", "hardware.dtype", "seed")),
     Stage("evaluate_init", evaluate.run_init, ("corpus", "source", "tokenize", "align", "init", "evaluate_source"),

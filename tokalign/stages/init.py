@@ -243,7 +243,7 @@ def _extend(cfg: Config, ctx: Context, model: Any, tok: Any, src_tok: Any, start
     s_ids, s_off = load_stream(ctx.path("tokenize"), "source")
     t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
     settings = ExtendSettings(fit_tokens=dv.init_fit_tokens, steps=dv.init_steps, lr=dv.init_lr, seed=cfg.seed,
-                              output=dv.init_output, objective=dv.init_objective)
+                              output=dv.init_output, objective=dv.init_objective, schedule=dv.init_schedule)
     bos = start if start is not None else int(tok.eos_token_id or 0)
     e, h, info = extend_rows(model, tok, src_tok, [[bos, *d.tolist()] for d in docs_of(s_ids, s_off)],
                              [d.tolist() for d in docs_of(t_ids, t_off)], bos, settings)
