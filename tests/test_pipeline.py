@@ -137,21 +137,22 @@ def test_embed_key_has_the_seed_exactly_when_it_samples_documents():
 
 
 def test_extend_schedule_enters_the_init_key_only_when_not_constant():
-    """``domain_vocab.init_schedule=cosine`` makes other rows, so another key; ``constant`` keeps the key rows
-    had before the setting existed (the cached ``extend`` rows stay valid)."""
+    """``domain_vocab.init_schedule``: cosine (the default) and constant make different rows, so different keys;
+    ``constant`` keeps the key that rows had before the setting existed (those cached rows stay valid)."""
     from tokalign.config import DomainVocabConfig
 
     init = _stage("init")
     ups = {n: f"{n}0" for n in init.inputs}
 
-    def key(**dv):
-        return stage_key(init, Config(source_model="s", target_tokenizer="domain", corpus="c",
-                                      init_methods=["extend"], domain_vocab=DomainVocabConfig(**dv)), ups)
+    def cfg(**dv):
+        return Config(source_model="s", target_tokenizer="domain", corpus="c", init_methods=["extend"],
+                      domain_vocab=DomainVocabConfig(**dv))
 
-    assert "domain_vocab.init_schedule" not in init.keys_if(Config(source_model="s", target_tokenizer="domain",
-                                                                   corpus="c", init_methods=["extend"]))
-    assert key(init_schedule="cosine") != key() and key(init_steps=10) != key()
-    assert key(init_schedule="constant") == key()
+    const = cfg(init_schedule="constant")
+    assert "domain_vocab.init_schedule" not in init.keys_if(const)
+    assert "domain_vocab.init_schedule" in init.keys_if(cfg())
+    assert stage_key(init, cfg(), ups) != stage_key(init, const, ups)
+    assert stage_key(init, cfg(init_steps=10), ups) != stage_key(init, cfg(), ups)
 
 
 def test_every_stage_key_is_a_config_key():

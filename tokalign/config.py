@@ -45,8 +45,14 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   domain_vocab.init_steps --values 0,50,150 --method extend --overrides "experiment=domain_vocab
   init_methods=[extend]"``, ``scripts/results/tune_extend_steps.json``; then 150 steps 1.0763, 400 steps 1.0552,
   150 minus 400 +0.0210 [+0.0173, +0.0247], the same command with ``--values 150,400``,
-  ``scripts/results/tune_extend_steps_400.json``; the source scores 0.9587 there; more steps were not tried: each
-  100 cost about 3 minutes on 2 cores); ``domain_vocab.init_objective="lm"`` (the steps' next-token loss;
+  ``scripts/results/tune_extend_steps_400.json``; the source scores 0.9587 there; then 400 steps 1.0554, 800 steps
+  1.0526, 400 minus 800 +0.0028 [-0.0011, +0.0072], ``--values 400,800``, ``scripts/results/tune_extend_steps_800.json``:
+  no gain the interval shows, for twice the time (each 100 steps cost about 3 minutes on 2 cores), so 400 stays;
+  all of these with a constant learning rate); ``domain_vocab.init_schedule="cosine"`` (the same 66 dev abstracts,
+  400 steps: constant 1.0554, cosine 1.0411, constant minus cosine +0.0143 [+0.0109, +0.0181]; ``python
+  scripts/tune_dev.py --key domain_vocab.init_schedule --values constant,cosine --method extend --overrides
+  "experiment=domain_vocab init_methods=[extend]"``, ``scripts/results/tune_extend_schedule.json``);
+  ``domain_vocab.init_objective="lm"`` (the steps' next-token loss;
   ``distill``, each chunk's likelihood pulled to the source model's, lost on the same 66 dev abstracts: lm 1.0763,
   distill 1.0841, +0.0079 [+0.0045, +0.0115]; ``python scripts/tune_dev.py --key domain_vocab.init_objective
   --values lm,distill --method extend --overrides "experiment=domain_vocab init_methods=[extend]
@@ -440,7 +446,7 @@ class DomainVocabConfig:
     init_steps: int = 400  # init method extend: Adam steps on the new rows only (8 windows of 64 tokens each); chosen on the dev split (module docstring)
     init_lr: float = 3e-3  # init method extend: their learning rate
     init_output: str = "fit"  # init method extend, output rows before the steps: fit (the first piece's row plus a ridge fit to the source's log-probability of the rest) or first (the first piece's row: the ablation)
-    init_schedule: str = "constant"  # init method extend, the steps' learning rate: constant, or cosine (decayed to 0 at the last step)
+    init_schedule: str = "cosine"  # init method extend, the steps' learning rate: cosine (decayed to 0 at the last step) or constant; chosen on the dev split (module docstring)
     init_objective: str = "lm"  # init method extend, the steps' loss: lm (next-token) or distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py); chosen on the dev split (module docstring)
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ spelled by source pieces ``p1 … pk``:
    on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
    elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string
    (``output="first"``, ``domain_vocab.init_output=first``: ``head[p1]`` alone, the ablation);
-3. then ``steps`` Adam steps (learning rate constant or, ``schedule="cosine"``, cosine-decayed to 0) on the new rows only (input and output, every old row frozen) on training windows
+3. then ``steps`` Adam steps (learning rate cosine-decayed to 0, or constant with ``schedule="constant"``) on the new rows only (input and output, every old row frozen) on training windows
    under the new tokenization that hold a new token, with the next-token loss (``objective="lm"``) or, with
    ``objective="distill"`` (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py``
    with the source model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's
@@ -51,7 +51,7 @@ class ExtendSettings:
     seed: int = 0
     output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
     objective: str = "lm"  # step 3's loss: "lm" (next-token) or "distill" (chunk likelihoods matched to the source's)
-    schedule: str = "constant"  # step 3's learning rate: "constant", or "cosine" (from lr down to 0 at the last step)
+    schedule: str = "cosine"  # step 3's learning rate: "cosine" (from lr down to 0 at the last step) or "constant"
 
 
 def new_token_pieces(tok: Any, src_tok: Any) -> list[list[int]]:
