@@ -12,11 +12,12 @@ spelled by source pieces ``p1 … pk``:
    on training text) of ``log P_source(p2 … pk | h, p1)``: where the string follows, the teacher-forced value;
    elsewhere its mean. So ``h · out_t ≈ logit_p1(h) + log P(rest)``, the source's logit for the whole string
    (``output="first"``, ``domain_vocab.init_output=first``: ``head[p1]`` alone, the ablation);
-3. then ``steps`` Adam steps (learning rate cosine-decayed to 0, or constant with ``schedule="constant"``) on the new rows only (input and output, every old row frozen) on training windows
-   under the new tokenization that hold a new token, with the next-token loss (``objective="lm"``) or, with
-   ``objective="distill"`` (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py``
-   with the source model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's
-   log-likelihood of the same bytes under its own tokenization.
+3. then ``steps`` Adam steps on the new rows only (input and output, every old row frozen), the learning rate
+   decayed to 0 along a cosine (``schedule="constant"`` keeps it), on training windows under the new tokenization
+   that hold a new token, with the next-token loss (``objective="lm"``) or, with ``objective="distill"``
+   (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py`` with the source
+   model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's log-likelihood of the
+   same bytes under its own tokenization.
 
 Settings (``domain_vocab.init_*``) were chosen on the dev split (``config.py`` says how).
 """
