@@ -63,7 +63,8 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   init_methods=[extend]"``, ``scripts/results/tune_extend_lr.json``; then with the cosine decay 3e-3 1.0411, 6e-3
   1.0359, 3e-3 minus 6e-3 +0.0052 [+0.0035, +0.0070], ``--values 3e-3,6e-3`` with
   ``domain_vocab.init_schedule=cosine`` added to the overrides, ``scripts/results/tune_extend_lr_cosine.json``;
-  higher rates with the decay not tried); ``init_fit_tokens`` was set by hand, not tuned;
+  and 6e-3 1.0359, 1e-2 1.0502, 1e-2 minus 6e-3 +0.0143 [+0.0116, +0.0171], ``--values 6e-3,1e-2``,
+  ``scripts/results/tune_extend_lr_cosine_1e-2.json``); ``init_fit_tokens`` was set by hand, not tuned;
 * taken from the published methods, not tuned here: ``alignment.focus_k=64`` (FOCUS's sparsemax is exact up to
   64 neighbours; the demo's supports fill all 64, logged as ``focus_truncated``), ``alignment.omp_k=8`` (a small sparse
   support, not tuned), ``alignment.sparse_candidates=256`` (sized for time: one top-256 search per new token);
