@@ -47,8 +47,8 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   150 minus 400 +0.0210 [+0.0173, +0.0247], the same command with ``--values 150,400``,
   ``scripts/results/tune_extend_steps_400.json``; the source scores 0.9587 there; then 400 steps 1.0554, 800 steps
   1.0526, 400 minus 800 +0.0028 [-0.0011, +0.0072], ``--values 400,800``,
-  ``scripts/results/tune_extend_steps_800.json``: no gain the interval shows, for twice the time (each 100 steps cost about 3 minutes on 2 cores), so 400 stays;
-  all of these with a constant learning rate); ``domain_vocab.init_schedule="cosine"`` (the same 66 dev abstracts,
+  ``scripts/results/tune_extend_steps_800.json``: no gain the interval shows, for twice the time (each 100 steps
+  cost about 3 minutes on 2 cores), so 400 stays; all of these with a constant learning rate); ``domain_vocab.init_schedule="cosine"`` (the same 66 dev abstracts,
   400 steps: constant 1.0554, cosine 1.0411, constant minus cosine +0.0143 [+0.0109, +0.0181]; ``python
   scripts/tune_dev.py --key domain_vocab.init_schedule --values constant,cosine --method extend --overrides
   "experiment=domain_vocab init_methods=[extend]"``, ``scripts/results/tune_extend_schedule.json``);

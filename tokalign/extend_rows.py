@@ -116,12 +116,12 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
     or ``teacher``'s chunk loss when one is given."""
     import torch
     import torch.nn.functional as F
+    from transformers import get_scheduler
 
     d_in = torch.zeros_like(emb[v_s:], requires_grad=True)
     d_out = torch.zeros_like(head[v_s:], requires_grad=True)
     opt = torch.optim.Adam([d_in, d_out], lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + np.cos(np.pi * step / s.steps)) if s.schedule == "cosine" else 1.0)
+    sched = get_scheduler(s.schedule, opt, num_warmup_steps=0, num_training_steps=s.steps)  # cosine or constant
     losses, t0, last_lr = [], time.time(), s.lr
     for step in range(s.steps):
         batch = [wins[(step * s.batch + k) % len(wins)] for k in range(s.batch)]
