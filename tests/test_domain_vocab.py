@@ -193,6 +193,51 @@ def test_extend_distill_steps_pull_chunk_likelihoods_to_the_sources():
         DomainVocabConfig(init_schedule="linear")
 
 
+def test_extend_awedist_steps_pull_hidden_states_to_the_sources_on_the_pieces():
+    """``domain_vocab.init_objective=awedist``: the source reads each window with new tokens spelled in their pieces;
+    a window without new tokens has a gap of exactly 0; the steps lower the gap on windows with them, move only the
+    new rows, and the output rows (trained by the next-token loss alone) move too."""
+    import torch
+
+    from conftest import byte_tokenizer
+    from tokalign.extend_rows import HiddenTeacher, new_token_pieces
+
+    src = byte_tokenizer()
+    built = D.build(D.backend_json(src), ["ab ab ab abc"] * 30, ["ab"], size=1, min_freq=2, kinds=["words"],
+                    max_phrase_words=2)
+    tok = D.to_hf(src, built.tokenizer_json)
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(src))
+    text = "ab ab abc ab ab ab abc ab"
+    docs = [[1] + src(text, add_special_tokens=False).input_ids for _ in range(20)]
+    tdocs = [tok(text, add_special_tokens=False).input_ids for _ in range(20)]
+    window = [1] + tdocs[0]
+    v_s, pieces = len(src), new_token_pieces(tok, src)
+    teacher = HiddenTeacher(model, pieces, v_s)
+    ids, last = teacher.spelled(window)
+    assert ids == [1] + src(text, add_special_tokens=False).input_ids  # the pieces spell the source's tokenization
+    new_at = [i for i, t in enumerate(window) if t >= v_s]
+    assert new_at and all(last[i] - last[i - 1] == len(pieces[window[i] - v_s]) for i in new_at)
+
+    def gap(e) -> float:
+        with torch.no_grad():
+            x = torch.nn.functional.embedding(torch.tensor([window]), torch.from_numpy(e))
+            h = model.base_model(inputs_embeds=x).last_hidden_state
+            return float(teacher.loss(h, [window], torch.ones(1, len(window))))
+
+    plain = [1] + src("c c c", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        h = model.base_model(input_ids=torch.tensor([plain])).last_hidden_state
+    assert float(teacher.loss(h, [plain], torch.ones(1, len(plain)))) == 0.0
+    base = dict(fit_tokens=200, lr=0.1, window=32, batch=2, output="first")
+    e0, h0, _ = extend_rows(model, tok, src, docs, tdocs, 1, ExtendSettings(steps=0, **base))
+    e1, h1, info = extend_rows(model, tok, src, docs, tdocs, 1, ExtendSettings(steps=100, objective="awedist", **base))
+    assert info["objective"] == "awedist"
+    assert np.array_equal(e1[:v_s], e0[:v_s]) and np.array_equal(h1[:v_s], h0[:v_s])
+    assert not np.array_equal(h1[-1], h0[-1])
+    assert gap(e1) < 0.5 * gap(e0)
+
+
 def test_extend_is_refused_for_a_cross_family_target():
     from tokalign.config import ConfigError
     from tokalign.cli import compose_cli

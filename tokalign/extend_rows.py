@@ -17,7 +17,10 @@ spelled by source pieces ``p1 … pk``:
    that hold a new token, with the next-token loss (``objective="lm"``) or, with ``objective="distill"``
    (``domain_vocab.init_objective``), the cross-tokenizer chunk loss of ``tokalign/distill.py`` with the source
    model as teacher: each chunk's log-likelihood under the new rows is pulled to the source's log-likelihood of the
-   same bytes under its own tokenization.
+   same bytes under its own tokenization; or, with ``objective="awedist"`` (Token Distillation, AweDist, arXiv
+   2505.20133), the input rows by the mean squared gap between the model's last hidden states with the new rows and
+   the source's at the same text positions with every new token spelled in its pieces (``HiddenTeacher``), the
+   output rows by the next-token loss alone, as AweDist does.
 
 Settings (``domain_vocab.init_*``) were chosen on the dev split (``config.py`` says how).
 """
@@ -51,7 +54,7 @@ class ExtendSettings:
     ridge: float = 10.0  # ridge strength per 1,000 fitted positions
     seed: int = 0
     output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
-    objective: str = "lm"  # step 3's loss: "lm" (next-token) or "distill" (chunk likelihoods matched to the source's)
+    objective: str = "lm"  # step 3's loss: "lm" (next-token), "distill" (chunk likelihoods) or "awedist" (hidden states)
     schedule: str = "cosine"  # step 3's learning rate: "cosine" (from lr down to 0 at the last step) or "constant"
 
 
@@ -110,10 +113,52 @@ class ChunkTeacher:
         return distill.chunk_loss(logits, ids, [c for c, _ in got], [lp for _, lp in got])[0]
 
 
+class HiddenTeacher:
+    """``objective="awedist"``: the source model (``model`` itself, old rows only) reads each window with every new
+    token replaced by its source pieces; ``targets`` gives, for every window position, the source's last hidden state
+    at the same text position (after a new token: at its last piece), computed without gradients."""
+
+    def __init__(self, model: Any, pieces: Sequence[list[int]], v_s: int) -> None:
+        self.model, self.pieces, self.v_s = model, pieces, v_s
+
+    def spelled(self, w: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``(source ids, index of each window position's last source piece)``."""
+        ids, last = [], []
+        for t in w:
+            ids.extend(self.pieces[t - self.v_s] if t >= self.v_s else [t])
+            last.append(len(ids) - 1)
+        return ids, last
+
+    def targets(self, batch: Sequence[list[int]], n: int) -> Any:
+        import torch
+
+        spelled = [self.spelled(w) for w in batch]
+        m = max(len(ids) for ids, _ in spelled)
+        ids = torch.tensor([a + [0] * (m - len(a)) for a, _ in spelled])
+        mask = torch.tensor([[1] * len(a) + [0] * (m - len(a)) for a, _ in spelled])
+        with torch.no_grad():
+            h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        idx = torch.tensor([last + [last[-1]] * (n - len(last)) for _, last in spelled])
+        return torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+
+    def loss(self, h: Any, batch: Sequence[list[int]], mask: Any) -> Any:
+        """Mean over the batch's real positions of the squared gap to the source's hidden state (AweDist's MSE)."""
+        gap = ((h - self.targets(batch, h.shape[1])) ** 2).mean(-1)
+        return (gap * mask).sum() / mask.sum()
+
+
+def _next_token_loss(logits: Any, ids: Any, mask: Any) -> Any:
+    import torch.nn.functional as F
+
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[list[int]], s: ExtendSettings,
-                   teacher: Optional[ChunkTeacher] = None) -> dict:
+                   teacher: Optional[ChunkTeacher | HiddenTeacher] = None) -> dict:
     """Step 3: Adam on the rows ``v_s …`` of ``emb`` and ``head`` (tensors changed in place); the next-token loss,
-    or ``teacher``'s chunk loss when one is given."""
+    ``teacher``'s chunk loss (``ChunkTeacher``), or (``HiddenTeacher``) its hidden-state loss for the input rows plus
+    the next-token loss for the output rows only."""
     import torch
     import torch.nn.functional as F
     from transformers import get_scheduler
@@ -130,12 +175,13 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
         mask = torch.tensor([[1] * len(w) + [0] * (n - len(w)) for w in batch])
         x = F.embedding(ids, torch.cat([emb[:v_s], emb[v_s:] + d_in]))
         h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        logits = h @ torch.cat([head[:v_s], head[v_s:] + d_out]).T
-        if teacher is not None:
-            loss = teacher.loss(logits, ids, batch)
+        out = torch.cat([head[:v_s], head[v_s:] + d_out]).T
+        if isinstance(teacher, HiddenTeacher):  # input rows from the hidden states, output rows from the next token
+            loss = teacher.loss(h, batch, mask) + _next_token_loss(h.detach() @ out, ids, mask)
+        elif teacher is not None:
+            loss = teacher.loss(h @ out, ids, batch)
         else:
-            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = _next_token_loss(h @ out, ids, mask)
         opt.zero_grad()
         loss.backward()
         last_lr = opt.param_groups[0]["lr"]
@@ -173,7 +219,8 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
     wins = windows(target_docs, v_s, start, s.window, s.seed)
     if pieces and wins and s.steps > 0:
         torch.manual_seed(s.seed)
-        teacher = ChunkTeacher(model, tok, src_tok, start) if s.objective == "distill" else None
+        teacher = {"distill": lambda: ChunkTeacher(model, tok, src_tok, start),
+                   "awedist": lambda: HiddenTeacher(model, pieces, v_s)}.get(s.objective, lambda: None)()
         info.update(train_new_rows(model, emb, head, v_s, wins, s, teacher), objective=s.objective)
     info["windows"] = len(wins)
     e, h = emb.numpy().astype(np.float32), head.numpy().astype(np.float32)
