@@ -151,14 +151,11 @@ def test_extend_rows_keep_old_rows_and_fit_new_output_rows():
     assert extends_source(tok, src) and not extends_source(src, tok) and not extends_source(src, src)
 
 
-def test_extend_distill_steps_pull_chunk_likelihoods_to_the_sources():
-    """``domain_vocab.init_objective=distill``: the steps lower the chunk loss against the source model (teacher =
-    the model itself under the source tokenization), move only the new rows, and start from the same rows as lm."""
+def _extend_case() -> tuple:
+    """A byte tokenizer extended by one merged word ``ab``, a tiny model, the same text under both tokenizers."""
     import torch
 
     from conftest import byte_tokenizer
-    from tokalign import distill
-    from tokalign.extend_rows import ChunkTeacher
 
     src = byte_tokenizer()
     built = D.build(D.backend_json(src), ["ab ab ab abc"] * 30, ["ab"], size=1, min_freq=2, kinds=["words"],
@@ -169,6 +166,18 @@ def test_extend_distill_steps_pull_chunk_likelihoods_to_the_sources():
     text = "ab ab abc ab ab ab abc ab"
     docs = [[1] + src(text, add_special_tokens=False).input_ids for _ in range(20)]
     tdocs = [tok(text, add_special_tokens=False).input_ids for _ in range(20)]
+    return src, tok, model, docs, tdocs
+
+
+def test_extend_distill_steps_pull_chunk_likelihoods_to_the_sources():
+    """``domain_vocab.init_objective=distill``: the steps lower the chunk loss against the source model (teacher =
+    the model itself under the source tokenization), move only the new rows, and start from the same rows as lm."""
+    import torch
+
+    from tokalign import distill
+    from tokalign.extend_rows import ChunkTeacher
+
+    src, tok, model, docs, tdocs = _extend_case()
     window = [1] + tdocs[0]
 
     def chunk_gap(e, h) -> float:
@@ -199,23 +208,14 @@ def test_extend_awedist_steps_pull_hidden_states_to_the_sources_on_the_pieces():
     new rows, and the output rows (trained by the next-token loss alone) move too."""
     import torch
 
-    from conftest import byte_tokenizer
     from tokalign.extend_rows import HiddenTeacher, new_token_pieces
 
-    src = byte_tokenizer()
-    built = D.build(D.backend_json(src), ["ab ab ab abc"] * 30, ["ab"], size=1, min_freq=2, kinds=["words"],
-                    max_phrase_words=2)
-    tok = D.to_hf(src, built.tokenizer_json)
-    torch.manual_seed(0)
-    model = tiny_llama(vocab=len(src))
-    text = "ab ab abc ab ab ab abc ab"
-    docs = [[1] + src(text, add_special_tokens=False).input_ids for _ in range(20)]
-    tdocs = [tok(text, add_special_tokens=False).input_ids for _ in range(20)]
+    src, tok, model, docs, tdocs = _extend_case()
     window = [1] + tdocs[0]
     v_s, pieces = len(src), new_token_pieces(tok, src)
     teacher = HiddenTeacher(model, pieces, v_s)
     ids, last = teacher.spelled(window)
-    assert ids == [1] + src(text, add_special_tokens=False).input_ids  # the pieces spell the source's tokenization
+    assert ids == docs[0]  # the pieces spell the source's tokenization
     new_at = [i for i, t in enumerate(window) if t >= v_s]
     assert new_at and all(last[i] - last[i - 1] == len(pieces[window[i] - v_s]) for i in new_at)
 
