@@ -57,7 +57,9 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   distill 1.0841, +0.0079 [+0.0045, +0.0115]; ``python scripts/tune_dev.py --key domain_vocab.init_objective
   --values lm,distill --method extend --overrides "experiment=domain_vocab init_methods=[extend]
   domain_vocab.init_steps=150"``,
-  ``scripts/results/tune_extend_objective.json``); ``domain_vocab.init_lr=6e-3`` (the same 66 dev abstracts, 400
+  ``scripts/results/tune_extend_objective.json``; then with 400 cosine steps at 6e-3 against ``awedist``, AweDist's
+  hidden-state distillation for the input rows: lm 1.0359, awedist 1.0359, +0.0001 [-0.0023, +0.0024], a tie, so
+  the cheaper lm stays; ``--values lm,awedist``, ``scripts/results/tune_extend_awedist.json``); ``domain_vocab.init_lr=6e-3`` (the same 66 dev abstracts, 400
   steps; with a constant rate 3e-3 1.0554, 1e-2 1.1753, +0.1199 [+0.1099, +0.1306], ``python scripts/tune_dev.py
   --key domain_vocab.init_lr --values 3e-3,1e-2 --method extend --overrides "experiment=domain_vocab
   init_methods=[extend]"``, ``scripts/results/tune_extend_lr.json``; then with the cosine decay 3e-3 1.0411, 6e-3
