@@ -236,6 +236,9 @@ def test_extend_awedist_steps_pull_hidden_states_to_the_sources_on_the_pieces():
     assert np.array_equal(e1[:v_s], e0[:v_s]) and np.array_equal(h1[:v_s], h0[:v_s])
     assert not np.array_equal(h1[-1], h0[-1])
     assert gap(e1) < 0.5 * gap(e0)
+    e2, h2, info = extend_rows(model, tok, src, docs, tdocs, 1, ExtendSettings(steps=100, objective="awedist_lm", **base))
+    assert info["objective"] == "awedist_lm" and not np.array_equal(e2[v_s:], e1[v_s:])  # lm reaches the inputs too
+    assert np.array_equal(e2[:v_s], e0[:v_s]) and np.array_equal(h2[:v_s], h0[:v_s])
 
 
 def test_extend_is_refused_for_a_cross_family_target():

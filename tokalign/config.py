@@ -452,7 +452,7 @@ class DomainVocabConfig:
     init_lr: float = 6e-3  # init method extend: their (peak) learning rate; chosen on the dev split (module docstring)
     init_output: str = "fit"  # init method extend, output rows before the steps: fit (the first piece's row plus a ridge fit to the source's log-probability of the rest) or first (the first piece's row: the ablation)
     init_schedule: str = "cosine"  # init method extend, the steps' learning rate: cosine (decayed to 0 at the last step) or constant; chosen on the dev split (module docstring)
-    init_objective: str = "lm"  # init method extend, the steps' loss: lm (next-token), distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py) or awedist (input rows from the source's hidden states on the pieces, AweDist; output rows from the next token); chosen on the dev split (module docstring)
+    init_objective: str = "lm"  # init method extend, the steps' loss: lm (next-token), distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py) awedist (input rows from the source's hidden states on the pieces, AweDist; output rows from the next token) or awedist_lm (input rows from both); chosen on the dev split (module docstring)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "domain_vocab.size", ">= 1", self.size)
@@ -468,8 +468,8 @@ class DomainVocabConfig:
         _check(self.init_output in ("fit", "first"), "domain_vocab.init_output", "fit or first", self.init_output)
         _check(self.init_schedule in ("constant", "cosine"), "domain_vocab.init_schedule", "constant or cosine",
                self.init_schedule)
-        _check(self.init_objective in ("lm", "distill", "awedist"), "domain_vocab.init_objective",
-               "lm, distill or awedist", self.init_objective)
+        _check(self.init_objective in ("lm", "distill", "awedist", "awedist_lm"), "domain_vocab.init_objective",
+               "lm, distill, awedist or awedist_lm", self.init_objective)
 
 
 @dataclass

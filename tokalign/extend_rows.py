@@ -20,7 +20,8 @@ spelled by source pieces ``p1 … pk``:
    same bytes under its own tokenization; or, with ``objective="awedist"`` (Token Distillation, AweDist, arXiv
    2505.20133), the input rows by the mean squared gap between the model's last hidden states with the new rows and
    the source's at the same text positions with every new token spelled in its pieces (``HiddenTeacher``), the
-   output rows by the next-token loss alone, as AweDist does.
+   output rows by the next-token loss alone, as AweDist does (``objective="awedist_lm"``: the input rows take the
+   next-token loss as well, the sum of both).
 
 Settings (``domain_vocab.init_*``) were chosen on the dev split (``config.py`` says how).
 """
@@ -54,7 +55,8 @@ class ExtendSettings:
     ridge: float = 10.0  # ridge strength per 1,000 fitted positions
     seed: int = 0
     output: str = "fit"  # output rows before the steps: "fit" (step 2) or "first" (the first piece's row)
-    objective: str = "lm"  # step 3's loss: "lm" (next-token), "distill" (chunk likelihoods) or "awedist" (hidden states)
+    objective: str = "lm"  # step 3's loss: "lm" (next-token), "distill" (chunk likelihoods), "awedist" (hidden states)
+    # or "awedist_lm" (both for the input rows)
     schedule: str = "cosine"  # step 3's learning rate: "cosine" (from lr down to 0 at the last step) or "constant"
 
 
@@ -118,8 +120,9 @@ class HiddenTeacher:
     token replaced by its source pieces; ``targets`` gives, for every window position, the source's last hidden state
     at the same text position (after a new token: at its last piece), computed without gradients."""
 
-    def __init__(self, model: Any, pieces: Sequence[list[int]], v_s: int) -> None:
+    def __init__(self, model: Any, pieces: Sequence[list[int]], v_s: int, lm_inputs: bool = False) -> None:
         self.model, self.pieces, self.v_s = model, pieces, v_s
+        self.lm_inputs = lm_inputs  # the next-token loss reaches the input rows too ("awedist_lm")
 
     def spelled(self, w: Sequence[int]) -> tuple[list[int], list[int]]:
         """``(source ids, index of each window position's last source piece)``."""
@@ -177,7 +180,8 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
         h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         out = torch.cat([head[:v_s], head[v_s:] + d_out]).T
         if isinstance(teacher, HiddenTeacher):  # input rows from the hidden states, output rows from the next token
-            loss = teacher.loss(h, batch, mask) + _next_token_loss(h.detach() @ out, ids, mask)
+            loss = teacher.loss(h, batch, mask) + _next_token_loss((h if teacher.lm_inputs else h.detach()) @ out, ids,
+                                                                   mask)
         elif teacher is not None:
             loss = teacher.loss(h @ out, ids, batch)
         else:
@@ -219,8 +223,11 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
     wins = windows(target_docs, v_s, start, s.window, s.seed)
     if pieces and wins and s.steps > 0:
         torch.manual_seed(s.seed)
-        teacher = {"distill": lambda: ChunkTeacher(model, tok, src_tok, start),
-                   "awedist": lambda: HiddenTeacher(model, pieces, v_s)}.get(s.objective, lambda: None)()
+        teacher = None
+        if s.objective == "distill":
+            teacher = ChunkTeacher(model, tok, src_tok, start)
+        elif s.objective in ("awedist", "awedist_lm"):
+            teacher = HiddenTeacher(model, pieces, v_s, lm_inputs=s.objective == "awedist_lm")
         info.update(train_new_rows(model, emb, head, v_s, wins, s, teacher), objective=s.objective)
     info["windows"] = len(wins)
     e, h = emb.numpy().astype(np.float32), head.numpy().astype(np.float32)
