@@ -48,10 +48,11 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   ``scripts/results/tune_extend_steps_400.json``; the source scores 0.9587 there; then 400 steps 1.0554, 800 steps
   1.0526, 400 minus 800 +0.0028 [-0.0011, +0.0072], ``--values 400,800``,
   ``scripts/results/tune_extend_steps_800.json``: no gain the interval shows, for twice the time (each 100 steps
-  cost about 3 minutes on 2 cores), so 400 stays; all of these with a constant learning rate); ``domain_vocab.init_schedule="cosine"`` (the same 66 dev abstracts,
-  400 steps: constant 1.0554, cosine 1.0411, constant minus cosine +0.0143 [+0.0109, +0.0181]; ``python
-  scripts/tune_dev.py --key domain_vocab.init_schedule --values constant,cosine --method extend --overrides
-  "experiment=domain_vocab init_methods=[extend]"``, ``scripts/results/tune_extend_schedule.json``);
+  cost about 3 minutes on 2 cores), so 400 stays; all of these with a constant learning rate);
+  ``domain_vocab.init_schedule="cosine"`` (the same 66 dev abstracts, 400 steps: constant 1.0554, cosine 1.0411,
+  constant minus cosine +0.0143 [+0.0109, +0.0181]; ``python scripts/tune_dev.py --key
+  domain_vocab.init_schedule --values constant,cosine --method extend --overrides "experiment=domain_vocab
+  init_methods=[extend]"``, ``scripts/results/tune_extend_schedule.json``);
   ``domain_vocab.init_objective="awedist_lm"`` (the steps' next-token loss plus, for the input rows, AweDist's
   hidden-state loss; first the next-token loss alone, ``lm``, against
   ``distill``, each chunk's likelihood pulled to the source model's, lost on the same 66 dev abstracts: lm 1.0763,
@@ -63,7 +64,8 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   (``--values lm,awedist``, ``scripts/results/tune_extend_awedist.json``); then ``awedist_lm``, both losses for the
   input rows: lm 1.0359, awedist_lm 1.0300, lm minus awedist_lm +0.0059 [+0.0043, +0.0076], so awedist_lm is the
   default (``--values lm,awedist_lm``, ``scripts/results/tune_extend_awedist_lm.json``; the steps, rate and
-  schedule below were chosen with lm and kept)); ``domain_vocab.init_lr=6e-3`` (the same 66 dev abstracts, 400 steps; with a constant rate 3e-3 1.0554, 1e-2 1.1753, +0.1199 [+0.1099, +0.1306], ``python scripts/tune_dev.py
+  schedule below were chosen with lm and kept)); ``domain_vocab.init_lr=6e-3`` (the same 66 dev abstracts, 400
+  steps; with a constant rate 3e-3 1.0554, 1e-2 1.1753, +0.1199 [+0.1099, +0.1306], ``python scripts/tune_dev.py
   --key domain_vocab.init_lr --values 3e-3,1e-2 --method extend --overrides "experiment=domain_vocab
   init_methods=[extend]"``, ``scripts/results/tune_extend_lr.json``; then with the cosine decay 3e-3 1.0411, 6e-3
   1.0359, 3e-3 minus 6e-3 +0.0052 [+0.0035, +0.0070], ``--values 3e-3,6e-3`` with
@@ -455,7 +457,7 @@ class DomainVocabConfig:
     init_lr: float = 6e-3  # init method extend: their (peak) learning rate; chosen on the dev split (module docstring)
     init_output: str = "fit"  # init method extend, output rows before the steps: fit (the first piece's row plus a ridge fit to the source's log-probability of the rest) or first (the first piece's row: the ablation)
     init_schedule: str = "cosine"  # init method extend, the steps' learning rate: cosine (decayed to 0 at the last step) or constant; chosen on the dev split (module docstring)
-    init_objective: str = "awedist_lm"  # init method extend, the steps' loss: lm (next-token), distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py) awedist (input rows from the source's hidden states on the pieces, AweDist; output rows from the next token) or awedist_lm (input rows from both); chosen on the dev split (module docstring)
+    init_objective: str = "awedist_lm"  # init method extend, the steps' loss: lm (next-token), distill (each chunk's likelihood matched to the source model's on the same bytes, tokalign/distill.py), awedist (input rows from the source's hidden states on the pieces, AweDist; output rows from the next token) or awedist_lm (input rows from both); chosen on the dev split (module docstring)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "domain_vocab.size", ">= 1", self.size)

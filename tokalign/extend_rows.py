@@ -136,9 +136,7 @@ class HiddenTeacher:
         import torch
 
         spelled = [self.spelled(w) for w in batch]
-        m = max(len(ids) for ids, _ in spelled)
-        ids = torch.tensor([a + [0] * (m - len(a)) for a, _ in spelled])
-        mask = torch.tensor([[1] * len(a) + [0] * (m - len(a)) for a, _ in spelled])
+        ids, mask = padded([a for a, _ in spelled])
         with torch.no_grad():
             h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         idx = torch.tensor([last + [last[-1]] * (n - len(last)) for _, last in spelled])
@@ -148,6 +146,15 @@ class HiddenTeacher:
         """Mean over the batch's real positions of the squared gap to the source's hidden state (AweDist's MSE)."""
         gap = ((h - self.targets(batch, h.shape[1])) ** 2).mean(-1)
         return (gap * mask).sum() / mask.sum()
+
+
+def padded(seqs: Sequence[list[int]]) -> tuple[Any, Any]:
+    """``(ids, attention mask)``: the sequences right-padded with 0 to the longest, as tensors."""
+    import torch
+
+    n = max(len(w) for w in seqs)
+    return (torch.tensor([list(w) + [0] * (n - len(w)) for w in seqs]),
+            torch.tensor([[1] * len(w) + [0] * (n - len(w)) for w in seqs]))
 
 
 def _next_token_loss(logits: Any, ids: Any, mask: Any) -> Any:
@@ -173,15 +180,13 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
     losses, t0, last_lr = [], time.time(), s.lr
     for step in range(s.steps):
         batch = [wins[(step * s.batch + k) % len(wins)] for k in range(s.batch)]
-        n = max(len(w) for w in batch)
-        ids = torch.tensor([w + [0] * (n - len(w)) for w in batch])
-        mask = torch.tensor([[1] * len(w) + [0] * (n - len(w)) for w in batch])
+        ids, mask = padded(batch)
         x = F.embedding(ids, torch.cat([emb[:v_s], emb[v_s:] + d_in]))
         h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         out = torch.cat([head[:v_s], head[v_s:] + d_out]).T
         if isinstance(teacher, HiddenTeacher):  # input rows from the hidden states, output rows from the next token
-            loss = teacher.loss(h, batch, mask) + _next_token_loss((h if teacher.lm_inputs else h.detach()) @ out, ids,
-                                                                   mask)
+            h_lm = h if teacher.lm_inputs else h.detach()  # detached: the next-token loss reaches the output rows only
+            loss = teacher.loss(h, batch, mask) + _next_token_loss(h_lm @ out, ids, mask)
         elif teacher is not None:
             loss = teacher.loss(h @ out, ids, batch)
         else:
