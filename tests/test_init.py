@@ -554,3 +554,34 @@ def test_calibration_lowers_output_rows_along_one_direction_and_leaves_specials(
     run_align_init(tmp_path / "same", same, config(alignment={"calibrate": True}))
     t = load_file(str(tmp_path / "same" / "init" / "rows" / "tokalign.safetensors"))
     assert t["embed"].tobytes() == toy_model(len(src_tok), tied).get_input_embeddings().weight.detach().numpy().tobytes()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_refine_steps_move_only_the_rows_of_new_tokens_the_text_holds_and_lower_the_loss(tmp_path, tied):
+    """alignment.refine_steps: only rows of new (not gold, not special) tokens that occur in the training stream move
+    (those in its windows of more than 8 tokens), in the input rows and (untied) the head; the next-token loss on their
+    windows falls; off, nothing moves."""
+    from safetensors.numpy import load_file
+
+    src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
+    rows = {}
+    for name, steps in (("on", 30), ("off", 0)):
+        ctx = write_inputs(tmp_path / name, src_tok, tgt_tok, tied)
+        run_align_init(tmp_path / name, ctx, config(pivot_count=12, init_methods=["tokalign"],
+                                                    alignment={"min_precision": 0.0, "refine_steps": steps,
+                                                               "refine_lr": 1e-2}))
+        rows[name] = load_file(str(tmp_path / name / "init" / "rows" / "tokalign.safetensors"))
+    how = np.load(tmp_path / "on" / "align" / "alignment.npz")["how"]
+    seen = np.zeros(len(tgt_tok), bool)
+    seen[np.load(tmp_path / "on" / "tokenize" / "target_ids.npy").astype(np.int64)] = True
+    expected = seen & (how != A.HOW_GOLD) & (how != A.HOW_SPECIAL)
+    assert expected.sum() >= 5
+    info = json.loads((tmp_path / "on" / "init" / "info.json").read_text())["counts"]["tokalign"]["refine"]
+    for key in ("embed",) + (() if tied else ("lm_head",)):
+        moved = np.abs(rows["on"][key] - rows["off"][key]).max(1) > 0
+        assert not (moved & ~expected).any() and moved.sum() >= 0.9 * expected.sum(), key
+        assert info["rows"] == int(moved.sum())
+    assert info["steps"] == 30 and info["windows"] > 0
+    assert info["last_loss"] < info["first_loss"]
+    off = json.loads((tmp_path / "off" / "init" / "info.json").read_text())["counts"]["tokalign"]
+    assert "refine" not in off

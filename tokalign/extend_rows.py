@@ -80,14 +80,14 @@ def output_rows(model: Any, docs: Sequence[Sequence[int]], pieces: Sequence[list
     return fit_output_rows(model, docs, pieces, head, fit_tokens=s.fit_tokens, ridge=s.ridge, unseen=0.0)
 
 
-def windows(docs: Sequence[Sequence[int]], v_s: int, start: int, size: int, seed: int) -> list[list[int]]:
-    """Training windows (``start`` token first) that hold at least one new token, shuffled."""
+def windows(docs: Sequence[Sequence[int]], is_new: np.ndarray, start: int, size: int, seed: int) -> list[list[int]]:
+    """Training windows (``start`` token first) that hold at least one new token (``is_new[id]``), shuffled."""
     out = []
     for ids in docs:
         ids = list(ids)
         for a in range(0, len(ids), size - 1):
             w = ids[a:a + size - 1]
-            if len(w) > 8 and max(w) >= v_s:
+            if len(w) > 8 and is_new[w].any():
                 out.append([start] + w)
     np.random.default_rng(seed).shuffle(out)
     return out
@@ -164,26 +164,28 @@ def _next_token_loss(logits: Any, ids: Any, mask: Any) -> Any:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[list[int]], s: ExtendSettings,
-                   teacher: Optional[ChunkTeacher | HiddenTeacher] = None) -> dict:
-    """Step 3: Adam on the rows ``v_s …`` of ``emb`` and ``head`` (tensors changed in place); the next-token loss,
-    ``teacher``'s chunk loss (``ChunkTeacher``), or (``HiddenTeacher``) its hidden-state loss for the input rows plus
-    the next-token loss for the output rows only."""
+def train_new_rows(model: Any, emb: Any, head: Optional[Any], rows: Sequence[int], wins: Sequence[list[int]],
+                   s: ExtendSettings, teacher: Optional[ChunkTeacher | HiddenTeacher] = None, name: str = "extend") -> dict:
+    """Step 3: Adam on the rows ``rows`` of ``emb`` and ``head`` (tensors changed in place; ``head=None``: a tied
+    head, one change serves both roles), every other row and the body frozen; the next-token loss, ``teacher``'s
+    chunk loss (``ChunkTeacher``), or (``HiddenTeacher``) its hidden-state loss for the input rows plus the
+    next-token loss for the output rows only. ``model`` gives only its body (``model.base_model``)."""
     import torch
     import torch.nn.functional as F
     from transformers import get_scheduler
 
-    d_in = torch.zeros_like(emb[v_s:], requires_grad=True)
-    d_out = torch.zeros_like(head[v_s:], requires_grad=True)
-    opt = torch.optim.Adam([d_in, d_out], lr=s.lr)
+    idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    d_in = torch.zeros((len(idx), emb.shape[1]), dtype=emb.dtype, requires_grad=True)
+    d_out = None if head is None else torch.zeros((len(idx), head.shape[1]), dtype=head.dtype, requires_grad=True)
+    opt = torch.optim.Adam([d for d in (d_in, d_out) if d is not None], lr=s.lr)
     sched = get_scheduler(s.schedule, opt, num_warmup_steps=0, num_training_steps=s.steps)  # cosine or constant
     losses, t0, last_lr = [], time.time(), s.lr
     for step in range(s.steps):
         batch = [wins[(step * s.batch + k) % len(wins)] for k in range(s.batch)]
         ids, mask = padded(batch)
-        x = F.embedding(ids, torch.cat([emb[:v_s], emb[v_s:] + d_in]))
-        h = model.base_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        out = torch.cat([head[:v_s], head[v_s:] + d_out]).T
+        e = emb.index_add(0, idx, d_in)
+        h = model.base_model(inputs_embeds=F.embedding(ids, e), attention_mask=mask).last_hidden_state
+        out = (e if head is None else head.index_add(0, idx, d_out)).T
         if isinstance(teacher, HiddenTeacher):  # input rows from the hidden states, output rows from the next token
             h_lm = h if teacher.lm_inputs else h.detach()  # detached: the next-token loss reaches the output rows only
             loss = teacher.loss(h, batch, mask) + _next_token_loss(h_lm @ out, ids, mask)
@@ -198,11 +200,12 @@ def train_new_rows(model: Any, emb: Any, head: Any, v_s: int, wins: Sequence[lis
         sched.step()
         losses.append(loss.item())
         if (step + 1) % 10 == 0:
-            log.info("init extend: step %d/%d, loss %.3f, %.0fs", step + 1, s.steps, np.mean(losses[-10:]),
+            log.info("init %s: step %d/%d, loss %.3f, %.0fs", name, step + 1, s.steps, np.mean(losses[-10:]),
                      time.time() - t0)
     with torch.no_grad():
-        emb[v_s:] += d_in
-        head[v_s:] += d_out
+        emb.index_add_(0, idx, d_in)
+        if head is not None:
+            head.index_add_(0, idx, d_out)
     return {"steps": s.steps, "schedule": s.schedule, "last_lr": last_lr,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "seconds": round(time.time() - t0, 1)}
@@ -225,7 +228,7 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
         out_new, info = output_rows(model, source_docs, pieces, src_head, s)
     emb = torch.cat([src_emb, torch.stack([src_emb[p[-1]] for p in pieces])]) if pieces else src_emb.clone()
     head = torch.cat([src_head, out_new]) if pieces else src_head.clone()
-    wins = windows(target_docs, v_s, start, s.window, s.seed)
+    wins = windows(target_docs, np.arange(len(tok)) >= v_s, start, s.window, s.seed)
     if pieces and wins and s.steps > 0:
         torch.manual_seed(s.seed)
         teacher = None
@@ -233,7 +236,7 @@ def extend_rows(model: Any, tok: Any, src_tok: Any, source_docs: Sequence[Sequen
             teacher = ChunkTeacher(model, tok, src_tok, start)
         elif s.objective in ("awedist", "awedist_lm"):
             teacher = HiddenTeacher(model, pieces, v_s, lm_inputs=s.objective == "awedist_lm")
-        info.update(train_new_rows(model, emb, head, v_s, wins, s, teacher), objective=s.objective)
+        info.update(train_new_rows(model, emb, head, range(v_s, len(tok)), wins, s, teacher), objective=s.objective)
     info["windows"] = len(wins)
     e, h = emb.numpy().astype(np.float32), head.numpy().astype(np.float32)
     assert np.array_equal(e[:v_s], src_emb.numpy()) and np.array_equal(h[:v_s], src_head.numpy())

@@ -29,6 +29,8 @@ treatment from the source head's rows; a tied model stays tied):
   ``alignment.unseen_scale``. Its piece compositions weigh each piece by its length in bytes
   (``alignment.piece_weights=bytes``): every byte of the new token counts the same, so a one-letter fragment
   does not weigh as much as the word stem it follows.
+  With ``alignment.refine_steps`` (off by default: measured, no gain) the rows of new tokens the training text
+  holds then take that many next-token steps through the frozen body.
   With ``alignment.calibrate`` (the default) every output row whose token the initialised model predicts more often
   than the training text holds it is then lowered by about the log of the ratio (``tokalign/calibrate.py``; special
   tokens never). With a target tokenizer identical to the source one it is a bit-for-bit copy (nothing calibrated).
@@ -67,7 +69,7 @@ from tokalign.config import Config
 from tokalign.context import Context
 from tokalign.errors import TokalignError
 from tokalign.artifacts import docs_of, load_stream
-from tokalign.extend_rows import ExtendSettings, extend_rows
+from tokalign.extend_rows import ExtendSettings, extend_rows, train_new_rows, windows
 from tokalign.modelfacts import is_tied, untie
 from tokalign.calibrate import calibrate_rows
 from tokalign.output_rows import fit_output_rows
@@ -276,10 +278,39 @@ def _fit_output(cfg: Config, ctx: Context, model: Any, al: dict, h_rows: np.ndar
     return {**info, "rows": int(len(new))}
 
 
+def new_token_mask(al: dict) -> np.ndarray:
+    """The target tokens that are neither gold nor special: the rows a rule other than a copy sets."""
+    return (al["how"] != A.HOW_GOLD) & (al["how"] != A.HOW_SPECIAL)
+
+
 def has_new_tokens(al: dict) -> bool:
     """Whether the target has tokens that are neither gold nor special (an identical tokenizer has none: its model is
     the source's, bit for bit, and nothing is calibrated)."""
-    return bool(((al["how"] != A.HOW_GOLD) & (al["how"] != A.HOW_SPECIAL)).any())
+    return bool(new_token_mask(al).any())
+
+
+def _refine(cfg: Config, ctx: Context, x: "Inputs", e_rows: np.ndarray, h_rows: Optional[np.ndarray]) -> dict:
+    """Ours with ``alignment.refine_steps``: the rows of the new tokens that the training text holds (target
+    tokenization) take that many Adam steps of the next-token loss through the source model's frozen body, on
+    windows of the text that hold one (``extend_rows.train_new_rows``); every gold and special row, and every new
+    token the text never shows, stays as the rules set it. The rows change in place (a tied head: one change for both
+    roles)."""
+    import torch
+
+    a, is_new = cfg.alignment, new_token_mask(x.al)
+    t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
+    bos = x.start[0] if x.start[0] is not None else int(x.tok.eos_token_id or 0)
+    wins = windows([d.tolist() for d in docs_of(t_ids, t_off)], is_new, bos, 64, cfg.seed)
+    rows = np.unique([t for w in wins for t in w if is_new[t]]).astype(np.int64)
+    if not len(rows):
+        return {"rows": 0, "windows": 0}
+    for p in x.model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    s = ExtendSettings(fit_tokens=0, steps=a.refine_steps, lr=a.refine_lr, seed=cfg.seed)
+    head = None if h_rows is None else torch.from_numpy(h_rows)  # from_numpy: the steps write into the arrays
+    info = train_new_rows(x.model, torch.from_numpy(e_rows), head, rows, wins, s, name="refine")
+    return {**info, "rows": int(len(rows)), "windows": len(wins)}
 
 
 def extends_source(tok: Any, src_tok: Any) -> bool:
@@ -359,6 +390,8 @@ def method_rows(m: str, cfg: Config, ctx: Context, x: Inputs) -> tuple[np.ndarra
         same_start(h_rows, base, x.start)
         if fit:
             info["output_fit"] = _fit_output(cfg, ctx, x.model, x.al, h_rows, x.start[1])
+    if m == "tokalign" and cfg.alignment.refine_steps > 0 and has_new_tokens(x.al):
+        info["refine"] = _refine(cfg, ctx, x, e_rows, h_rows)
     if m == "tokalign" and cfg.alignment.calibrate and has_new_tokens(x.al):
         info["calibration"] = _calibrate(cfg, ctx, x, e_rows, h_rows)
     return e_rows, h_rows, info
