@@ -34,6 +34,7 @@ VARIANTS = {  # name: (what it changes, overrides)
     "- similarity alignment": ("nothing aligned by similarity (threshold 1)", ["similarity_threshold=1.0"]),
     "- precision guard": ("align by threshold alone, as the published rule", ["alignment.min_precision=0.0"]),
     "- calibration": ("no unigram calibration of the output rows", ["alignment.calibrate=false"]),
+    "- absorption": ("no absorption of lost source tokens' probability", ["alignment.absorb=false"]),
     "+ FOCUS rows": ("new tokens with a vector take FOCUS rows instead of FVT", ["alignment.new_rows=focus"]),
     "+ OMP rows": ("new tokens with a vector take OMP rows instead of FVT", ["alignment.new_rows=omp"]),
 }

@@ -29,6 +29,7 @@ ARGS = [
     # GPT-2's 50k vocabulary, not the default Qwen2's 152k: what is tested is crash and resume, and every stage from
     # init on has a third of the rows to set, score and train
     f"target_tokenizer={ASSETS / 'tokenizers' / 'ggml-vocab-gpt-2.gguf'}", "alignment.calibrate_positions=1000",
+    "alignment.absorb_positions=2000",
 ]
 
 

@@ -109,7 +109,7 @@ def write_inputs(root: Path, src_tok, tgt_tok, tied: bool, vectors: str = "plant
 def config(**kw) -> Config:
     return Config(source_model="unused", target_tokenizer="unused", corpus="unused",
                   pivot_count=kw.pop("pivot_count", 40), similarity_threshold=kw.pop("similarity_threshold", 0.5),
-                  alignment=AlignmentConfig(**{"calibrate": False, **kw.pop("alignment", {})}), **kw)
+                  alignment=AlignmentConfig(**{"calibrate": False, "absorb": False, **kw.pop("alignment", {})}), **kw)
 
 
 def run_align_init(root: Path, ctx: Context, cfg: Config) -> tuple[dict, dict]:
@@ -120,6 +120,19 @@ def run_align_init(root: Path, ctx: Context, cfg: Config) -> tuple[dict, dict]:
     m_init = init.run(cfg, ctx, root / "init")
     ctx.outputs["init"] = root / "init"
     return m_align, m_init
+
+
+def ours_on_off(root: Path, src_tok, tgt_tok, tied: bool, on: dict, off: dict) -> dict:
+    """Ours' rows (``rows/tokalign.safetensors``) on the toy inputs with two alignment settings, as ``{"on", "off"}``."""
+    from safetensors.numpy import load_file
+
+    rows = {}
+    for name, extra in (("on", on), ("off", off)):
+        ctx = write_inputs(root / name, src_tok, tgt_tok, tied)
+        run_align_init(root / name, ctx, config(pivot_count=12, init_methods=["tokalign"],
+                                                alignment={"min_precision": 0.0, **extra}))
+        rows[name] = load_file(str(root / name / "init" / "rows" / "tokalign.safetensors"))
+    return rows
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -531,13 +544,8 @@ def test_calibration_lowers_output_rows_along_one_direction_and_leaves_specials(
     from safetensors.numpy import load_file
 
     src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
-    rows = {}
-    for name, on in (("on", True), ("off", False)):
-        ctx = write_inputs(tmp_path / name, src_tok, tgt_tok, tied)
-        run_align_init(tmp_path / name, ctx, config(pivot_count=12, init_methods=["tokalign"],
-                                                    alignment={"min_precision": 0.0, "calibrate": on,
-                                                               "calibrate_positions": 200}))
-        rows[name] = load_file(str(tmp_path / name / "init" / "rows" / "tokalign.safetensors"))
+    rows = ours_on_off(tmp_path, src_tok, tgt_tok, tied, {"calibrate": True, "calibrate_positions": 200},
+                       {"calibrate": False})
     key = "embed" if tied else "lm_head"
     delta = rows["on"][key].astype(np.float64) - rows["off"][key]
     moved = np.abs(delta).max(1) > 0
@@ -564,13 +572,7 @@ def test_refine_steps_move_only_the_rows_of_new_tokens_the_text_holds_and_lower_
     from safetensors.numpy import load_file
 
     src_tok, tgt_tok = source_tokenizer(), target_tokenizer()
-    rows = {}
-    for name, steps in (("on", 30), ("off", 0)):
-        ctx = write_inputs(tmp_path / name, src_tok, tgt_tok, tied)
-        run_align_init(tmp_path / name, ctx, config(pivot_count=12, init_methods=["tokalign"],
-                                                    alignment={"min_precision": 0.0, "refine_steps": steps,
-                                                               "refine_lr": 1e-2}))
-        rows[name] = load_file(str(tmp_path / name / "init" / "rows" / "tokalign.safetensors"))
+    rows = ours_on_off(tmp_path, src_tok, tgt_tok, tied, {"refine_steps": 30, "refine_lr": 1e-2}, {"refine_steps": 0})
     how = np.load(tmp_path / "on" / "align" / "alignment.npz")["how"]
     seen = np.zeros(len(tgt_tok), bool)
     seen[np.load(tmp_path / "on" / "tokenize" / "target_ids.npy").astype(np.int64)] = True
@@ -585,3 +587,35 @@ def test_refine_steps_move_only_the_rows_of_new_tokens_the_text_holds_and_lower_
     assert info["last_loss"] < info["first_loss"]
     off = json.loads((tmp_path / "off" / "init" / "info.json").read_text())["counts"]["tokalign"]
     assert "refine" not in off
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_absorption_moves_only_the_output_rows_of_first_pieces_of_lost_source_tokens(tmp_path, tied):
+    """alignment.absorb: the rows that move are exactly the output rows (the tied embedding, else the head) of the
+    target tokens that start the spelling of a source token the target lacks; special tokens and an untied model's
+    input rows do not move; identical tokenizers lose nothing, so nothing moves."""
+    from safetensors.numpy import load_file
+
+    from tokalign.absorb import lost_tokens
+
+    src_tok = source_tokenizer()
+    tgt_tok = make_tokenizer(280, CORPUS + EXTRA, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                             {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"})  # fewer merges
+    rows = ours_on_off(tmp_path, src_tok, tgt_tok, tied, {"absorb": True, "absorb_positions": 300}, {"absorb": False})
+    lost, first = lost_tokens(tgt_tok, src_tok)
+    expected = np.zeros(len(tgt_tok), bool)
+    expected[first] = True
+    expected[np.asarray(tgt_tok.all_special_ids)] = False
+    assert expected.sum() >= 10
+    key = "embed" if tied else "lm_head"
+    moved = np.abs(rows["on"][key] - rows["off"][key]).max(1) > 0
+    assert np.array_equal(moved, expected)
+    if not tied:
+        assert np.array_equal(rows["on"]["embed"], rows["off"]["embed"])
+    info = json.loads((tmp_path / "on" / "init" / "info.json").read_text())["counts"]["tokalign"]["absorption"]
+    assert info["rows"] == int(expected.sum()) and info["lost"] >= info["rows"] and info["positions"] > 0
+
+    same = write_inputs(tmp_path / "same", src_tok, source_tokenizer(), tied, vectors="same")
+    run_align_init(tmp_path / "same", same, config(alignment={"absorb": True}))
+    t = load_file(str(tmp_path / "same" / "init" / "rows" / "tokalign.safetensors"))
+    assert t["embed"].tobytes() == toy_model(len(src_tok), tied).get_input_embeddings().weight.detach().numpy().tobytes()

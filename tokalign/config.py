@@ -39,6 +39,12 @@ How the defaults that affect quality were chosen (none on the evaluation documen
   ``scripts/results/tune_calibrate_k.json``; checked on a second family, the Llama-3 dev split: off minus on +0.0423
   [+0.0367, +0.0481], ``scripts/results/tune_calibrate_llama3.json``; ``calibrate_positions=4000`` sized for time,
   not tuned);
+  ``alignment.absorb=true`` and ``alignment.absorb_ridge=1000`` (each target token that starts the target's spelling
+  of source tokens it lacks takes their probability too, ``tokalign/absorb.py``: on the 66 dev abstracts of the Qwen2
+  run off 1.1120, on 1.1015, off minus on +0.0104 [+0.0078, +0.0134]; ``python scripts/tune_dev.py --key
+  alignment.absorb --values false,true``, ``scripts/results/tune_absorb.json``; ridge 300 +0.0020 [+0.0006,
+  +0.0037], 1000 best, 3000 +0.0015 [+0.0005, +0.0025], ``--key alignment.absorb_ridge --values 300,1000,3000``,
+  ``scripts/results/tune_absorb_ridge.json``; ``absorb_positions=20000`` sized for time, not tuned);
   ``alignment.refine_steps=0`` (off: Adam steps of the next-token loss on the rows of the new tokens the training
   text holds, before the calibration, did not help on the 66 dev abstracts of the Qwen2 run: 100 steps at 6e-3
   1.1270 against 1.1120 with none, +0.0151 [+0.0079, +0.0225], ``python scripts/tune_dev.py --key
@@ -174,6 +180,9 @@ class AlignmentConfig:
     calibrate: bool = True  # ours: lower each output row whose token the initialised model predicts more often than the training text (target tokenizer) holds it, by about the log of the ratio (tokalign/calibrate.py); chosen on the dev split (module docstring)
     calibrate_k: float = 1.0  # calibrate: the text's token frequencies are smoothed towards the model's own with this many pseudo-counts per text token; chosen on the dev split (module docstring)
     calibrate_positions: int = 4000  # calibrate: training positions (target tokenization) whose hidden states it reads
+    absorb: bool = True  # ours: each target token that starts the target's spelling of source tokens it lacks takes their probability too (a ridge fit of the log-sum-exp, tokalign/absorb.py), after the calibration; chosen on the dev split (module docstring)
+    absorb_ridge: float = 1000.0  # absorb: ridge strength per 1,000 positions, towards the row as it was; chosen on the dev split (module docstring)
+    absorb_positions: int = 20000  # absorb: training positions (target tokenization) whose hidden states it reads
     refine_steps: int = 0  # ours: Adam steps, before the calibration, on the rows of new tokens the training text holds (every other row and the body frozen; next-token loss on 8 windows of 64 target tokens that hold one; tokalign/extend_rows.py's loop); 0 = off, chosen on the dev split (module docstring)
     refine_lr: float = 6e-3  # refine_steps: their peak learning rate, decayed to 0 along a cosine (extend's rate; 3e-4 ties with no steps on the dev split)
     reference_pairs: Optional[str] = None  # JSON {target id: source id} a reference alignment; align/bleu1 then scores against it instead of the source tokenization
@@ -197,6 +206,8 @@ class AlignmentConfig:
         _check(self.output_ridge > 0, "alignment.output_ridge", "> 0", self.output_ridge)
         _check(self.calibrate_k > 0, "alignment.calibrate_k", "> 0", self.calibrate_k)
         _check(self.calibrate_positions >= 1, "alignment.calibrate_positions", ">= 1", self.calibrate_positions)
+        _check(self.absorb_ridge > 0, "alignment.absorb_ridge", "> 0", self.absorb_ridge)
+        _check(self.absorb_positions >= 1, "alignment.absorb_positions", ">= 1", self.absorb_positions)
         _check(self.refine_steps >= 0, "alignment.refine_steps", ">= 0", self.refine_steps)
         _check(self.refine_lr > 0, "alignment.refine_lr", "> 0", self.refine_lr)
         _check(self.focus_k >= 1 and self.omp_k >= 1, "alignment.focus_k/omp_k", ">= 1", (self.focus_k, self.omp_k))

@@ -61,7 +61,8 @@ def _curve_keys(cfg: Config) -> tuple[str, ...]:
 
 # Alignment keys that only stage init reads: changing one rebuilds the rows, never the alignment itself.
 INIT_ONLY_ALIGNMENT_KEYS = ("piece_weights", "output_rows", "output_fit_tokens", "output_ridge", "calibrate",
-                            "calibrate_k", "calibrate_positions", "refine_steps", "refine_lr")
+                            "calibrate_k", "calibrate_positions", "refine_steps", "refine_lr", "absorb", "absorb_ridge",
+                            "absorb_positions")
 ALIGN_KEYS = tuple(f"alignment.{f.name}" for f in fields(AlignmentConfig) if f.name not in INIT_ONLY_ALIGNMENT_KEYS)
 
 # name            run                     reads                               config keys (the cache key)

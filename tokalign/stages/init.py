@@ -33,7 +33,10 @@ treatment from the source head's rows; a tied model stays tied):
   holds then take that many next-token steps through the frozen body.
   With ``alignment.calibrate`` (the default) every output row whose token the initialised model predicts more often
   than the training text holds it is then lowered by about the log of the ratio (``tokalign/calibrate.py``; special
-  tokens never). With a target tokenizer identical to the source one it is a bit-for-bit copy (nothing calibrated).
+  tokens never). With ``alignment.absorb`` (the default) the output rows of the target tokens that start the
+  target's spelling of source tokens the target lacks (`` a`` of `` aortic``) then take those tokens' probability
+  as well (``tokalign/absorb.py``). With a target tokenizer identical to the source one it is a bit-for-bit copy
+  (nothing calibrated or absorbed).
 
 Every method, the baselines included, gives the target's document-start token (``metrics.start_token_id``:
 Qwen2's ``<|endoftext|>``) the source's document-start row (SmolLM2's ``<|endoftext|>``): that token is the
@@ -72,6 +75,7 @@ from tokalign.artifacts import docs_of, load_stream
 from tokalign.extend_rows import ExtendSettings, extend_rows, train_new_rows, windows
 from tokalign.modelfacts import is_tied, untie
 from tokalign.calibrate import calibrate_rows
+from tokalign.absorb import absorb_rows, lost_tokens
 from tokalign.output_rows import fit_output_rows
 
 log = logging.getLogger(__name__)
@@ -319,24 +323,53 @@ def extends_source(tok: Any, src_tok: Any) -> bool:
     return len(tok) > len(src_tok) and all(tv.get(t) == i for t, i in sv.items())
 
 
+def special_rows(x: "Inputs") -> np.ndarray:
+    """The target tokens that ours' calibration and absorption leave alone: special by the alignment or the
+    tokenizer."""
+    keep = x.al["how"] == A.HOW_SPECIAL
+    keep[[i for i in x.tok.all_special_ids if 0 <= i < len(x.tok)]] = True
+    return keep
+
+
+def initialised(ctx: Context, x: "Inputs", e_rows: np.ndarray, h_rows: Optional[np.ndarray]) -> tuple[Any, list]:
+    """``(model, docs)``: a fresh copy of the source model with these rows (eval mode), and the training text's
+    target token ids, each document behind the document-start token."""
+    t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
+    model = build_model(refs.load_model(str(x.src_dir / "model"), dtype="float32"), x.tok, e_rows, h_rows)
+    model.eval()
+    prefix = [] if x.start[0] is None else [x.start[0]]
+    return model, [prefix + d.tolist() for d in docs_of(t_ids, t_off)]
+
+
 def _calibrate(cfg: Config, ctx: Context, x: "Inputs", e_rows: np.ndarray, h_rows: Optional[np.ndarray]) -> dict:
     """Ours with ``alignment.calibrate``: every output row (``h_rows``, else the tied ``e_rows``) lowered where the
     initialised model predicts its token more often than the training text holds it (``tokalign/calibrate.py``),
     special tokens left alone, and a domain vocabulary's old rows too; the rows change in place."""
-    tok, src_tok, al, start = x.tok, x.src_tok, x.al, x.start[0]
-    t_ids, t_off = load_stream(ctx.path("tokenize"), "target")
+    tok, src_tok = x.tok, x.src_tok
+    t_ids, _ = load_stream(ctx.path("tokenize"), "target")
     counts = np.bincount(np.asarray(t_ids, dtype=np.int64), minlength=len(tok))[:len(tok)]
-    keep = al["how"] == A.HOW_SPECIAL
-    keep[[i for i in tok.all_special_ids if 0 <= i < len(tok)]] = True
+    keep = special_rows(x)
     if extends_source(tok, src_tok):  # a domain vocabulary: the old rows stay the source's, bit for bit
         keep[:len(src_tok)] = True
-    model = build_model(refs.load_model(str(x.src_dir / "model"), dtype="float32"), tok, e_rows, h_rows)
-    model.eval()
-    prefix = [] if start is None else [start]
-    docs = [prefix + d.tolist() for d in docs_of(t_ids, t_off)]
+    model, docs = initialised(ctx, x, e_rows, h_rows)
     a = cfg.alignment
     offsets, info = calibrate_rows(model, docs, counts, positions=a.calibrate_positions, k=a.calibrate_k, keep=keep)
     (e_rows if h_rows is None else h_rows)[...] += offsets
+    return info
+
+
+def _absorb(cfg: Config, ctx: Context, x: "Inputs", e_rows: np.ndarray, h_rows: Optional[np.ndarray]) -> dict:
+    """Ours with ``alignment.absorb``: the output rows (``h_rows``, else the tied ``e_rows``) of the target tokens
+    that start the spelling of source tokens the target lacks take those tokens' probability too
+    (``tokalign/absorb.py``); special tokens are left alone; the rows change in place."""
+    lost, first = lost_tokens(x.tok, x.src_tok)
+    if not len(lost):
+        return {"lost": 0, "rows": 0}
+    model, docs = initialised(ctx, x, e_rows, h_rows)
+    src_rows = x.emb if x.head is None else x.head
+    rows, delta, info = absorb_rows(model, docs, src_rows, lost, first, positions=cfg.alignment.absorb_positions,
+                                    ridge=cfg.alignment.absorb_ridge, keep=special_rows(x))
+    (e_rows if h_rows is None else h_rows)[rows] += delta
     return info
 
 
@@ -394,6 +427,8 @@ def method_rows(m: str, cfg: Config, ctx: Context, x: Inputs) -> tuple[np.ndarra
         info["refine"] = _refine(cfg, ctx, x, e_rows, h_rows)
     if m == "tokalign" and cfg.alignment.calibrate and has_new_tokens(x.al):
         info["calibration"] = _calibrate(cfg, ctx, x, e_rows, h_rows)
+    if m == "tokalign" and cfg.alignment.absorb and has_new_tokens(x.al):
+        info["absorption"] = _absorb(cfg, ctx, x, e_rows, h_rows)
     return e_rows, h_rows, info
 
 
@@ -405,6 +440,9 @@ def _metrics(counts: dict, seconds: float, vocab: int, tied: bool) -> dict[str, 
     if cal:
         metrics.update({"init/calibrated_rows": cal["rows_lowered"], "init/calibrated_mass": cal["mass_lowered"],
                         "init/calibration_h_dot_u_std": cal["h_dot_u_std"]})
+    ab = counts.get("tokalign", {}).get("absorption")
+    if ab:
+        metrics.update({"init/absorbed_rows": ab["rows"], "init/absorbed_lost_tokens": ab["lost"]})
     if "random_rows" in counts.get("tokalign_1to1", {}):
         metrics["init/tokalign_1to1_random_rows"] = counts["tokalign_1to1"]["random_rows"]
     return metrics
