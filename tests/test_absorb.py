@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import tiny_llama
 
 from tokalign import refs
-from tokalign.absorb import absorbed_targets, lost_tokens
-from tokalign.output_rows import ridge_gram
+from tokalign.absorb import absorb_rows, absorbed_targets, lost_tokens
+from tokalign.output_rows import hidden_states, ridge_gram
 
 
 def test_a_source_word_the_target_spells_in_pieces_is_lost_to_its_first_piece(assets):
@@ -53,3 +54,28 @@ def test_the_ridge_step_is_least_squares_towards_the_targets_and_vanishes_with_a
     best = torch.linalg.lstsq(H.double(), Y.double()).solution.T.float()  # the plain least-squares row
     assert torch.allclose(R + step(1e-6), best, atol=1e-3)
     assert step(1e9).abs().max() < 1e-5
+
+
+def test_absorb_rows_fits_the_ridge_step_on_the_models_hidden_states_in_any_chunking():
+    """``absorb_rows`` on a tiny model: the change equals the ridge step computed directly from the model's hidden
+    states and the log-sum-exp targets, it lowers the squared gap to those targets, a special first piece is left
+    alone, and the chunking of the positions does not change the result."""
+    model = tiny_llama(vocab=40)
+    rng = np.random.default_rng(0)
+    docs = [[1] + rng.integers(3, 40, size=30).tolist() for _ in range(8)]
+    src_rows = torch.randn(60, 32, generator=torch.Generator().manual_seed(2))
+    lost, first = np.array([45, 50, 51, 57]), np.array([7, 7, 9, 2])  # 57 -> 2, a special token: left alone
+    keep = np.zeros(40, bool)
+    keep[2] = True
+    rows, delta, info = absorb_rows(model, docs, src_rows, lost, first, positions=200, ridge=10.0, keep=keep, chunk=7)
+    assert rows.tolist() == [7, 9] and info["lost"] == 3 and info["positions"] == 200
+    H, _, _ = hidden_states(model, docs, 200, with_gains=False)
+    W = model.get_output_embeddings().weight.detach().float()
+    g = torch.tensor([7, 9])
+    Y = absorbed_targets(H, W, src_rows[torch.tensor([45, 50, 51])], g, torch.tensor([0, 0, 1]))
+    step = torch.linalg.solve(ridge_gram(H, 10.0), H.double().T @ (Y - H @ W[g].T).double()).T.float()
+    assert torch.allclose(torch.from_numpy(delta), step, atol=1e-4)
+    before = ((H @ W[g].T - Y) ** 2).mean()
+    assert ((H @ (W[g] + torch.from_numpy(delta)).T - Y) ** 2).mean() < before
+    whole = absorb_rows(model, docs, src_rows, lost, first, positions=200, ridge=10.0, keep=keep, chunk=10_000)[1]
+    assert np.allclose(whole, delta, atol=1e-5)

@@ -59,10 +59,11 @@ def absorbed_targets(H: Any, W: Any, S: Any, groups: Any, member_group: Any, chu
 
 
 def absorb_rows(model: Any, docs: Sequence[Sequence[int]], src_rows: Any, lost: np.ndarray, first: np.ndarray, *,
-                positions: int, ridge: float, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+                positions: int, ridge: float, keep: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(target ids, row changes [ids, hidden] float32, info)``: what to add to the initialised ``model``'s output rows
     (module docstring); ``docs`` target token ids of training text, each starting with the document-start token;
-    ``src_rows`` the source model's output rows; target tokens in ``keep`` (special) are left alone."""
+    ``src_rows`` the source model's output rows; target tokens in ``keep`` (special) are left alone. The targets are
+    made ``chunk`` positions at a time, so memory grows with ``chunk`` x rows, not positions x rows."""
     import torch
 
     from tokalign.output_rows import hidden_states, ridge_gram
@@ -74,12 +75,16 @@ def absorb_rows(model: Any, docs: Sequence[Sequence[int]], src_rows: Any, lost: 
         return np.zeros(0, np.int64), np.zeros((0, src_rows.shape[1]), np.float32), {"lost": 0, "rows": 0}
     groups, member_group = np.unique(first, return_inverse=True)
     H, _, _ = hidden_states(model, docs, positions, with_gains=False)
+    if not len(H):
+        return np.zeros(0, np.int64), np.zeros((0, src_rows.shape[1]), np.float32), {"lost": 0, "rows": 0}
     W = model.get_output_embeddings().weight.detach().float()
-    g = torch.from_numpy(groups)
-    Y = absorbed_targets(H, W, torch.as_tensor(src_rows).float()[torch.from_numpy(lost)], g,
-                         torch.from_numpy(member_group))
+    g, S = torch.from_numpy(groups), torch.as_tensor(src_rows).float()[torch.from_numpy(lost)]
     R = W[g]
-    delta = torch.linalg.solve(ridge_gram(H, ridge), (H.double().T @ (Y - H @ R.T).double())).T.float()
+    Hd = H.double()
+    HtY = torch.zeros(H.shape[1], len(groups), dtype=torch.float64)  # Hᵀ Y, summed a chunk of positions at a time
+    for i in range(0, len(H), chunk):
+        HtY += Hd[i:i + chunk].T @ absorbed_targets(H[i:i + chunk], W, S, g, torch.from_numpy(member_group)).double()
+    delta = torch.linalg.solve(ridge_gram(H, ridge), HtY - (Hd.T @ Hd) @ R.double().T).T.float()
     info = {"lost": int(len(lost)), "rows": int(len(groups)), "positions": int(len(H)),
             "mean_change": round(float((delta.norm(dim=1) / R.norm(dim=1).clamp_min(1e-12)).mean()), 4),
             "seconds": round(time.time() - t0, 1)}

@@ -174,9 +174,10 @@ def train_new_rows(model: Any, emb: Any, head: Optional[Any], rows: Sequence[int
     import torch.nn.functional as F
     from transformers import get_scheduler
 
-    idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-    d_in = torch.zeros((len(idx), emb.shape[1]), dtype=emb.dtype, requires_grad=True)
-    d_out = None if head is None else torch.zeros((len(idx), head.shape[1]), dtype=head.dtype, requires_grad=True)
+    idx = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=emb.device)
+    d_in = torch.zeros((len(idx), emb.shape[1]), dtype=emb.dtype, device=emb.device, requires_grad=True)
+    d_out = None if head is None else torch.zeros((len(idx), head.shape[1]), dtype=head.dtype, device=head.device,
+                                                  requires_grad=True)
     opt = torch.optim.Adam([d for d in (d_in, d_out) if d is not None], lr=s.lr)
     sched = get_scheduler(s.schedule, opt, num_warmup_steps=0, num_training_steps=s.steps)  # cosine or constant
     losses, t0, last_lr = [], time.time(), s.lr

@@ -427,7 +427,7 @@ def method_rows(m: str, cfg: Config, ctx: Context, x: Inputs) -> tuple[np.ndarra
         info["refine"] = _refine(cfg, ctx, x, e_rows, h_rows)
     if m == "tokalign" and cfg.alignment.calibrate and has_new_tokens(x.al):
         info["calibration"] = _calibrate(cfg, ctx, x, e_rows, h_rows)
-    if m == "tokalign" and cfg.alignment.absorb and has_new_tokens(x.al):
+    if m == "tokalign" and cfg.alignment.absorb:  # no lost source token (identical, a domain vocabulary): no change
         info["absorption"] = _absorb(cfg, ctx, x, e_rows, h_rows)
     return e_rows, h_rows, info
 
