@@ -42,20 +42,17 @@ def lost_tokens(tok: Any, src_tok: Any) -> tuple[np.ndarray, np.ndarray]:
     return lost.astype(np.int64), spell.indices[spell.indptr[lost]].astype(np.int64)
 
 
-def absorbed_targets(H: Any, W: Any, S: Any, groups: Any, member_group: Any, chunk: int = 2000) -> Any:
+def absorbed_targets(H: Any, W: Any, S: Any, groups: Any, member_group: Any) -> Any:
     """``Y`` [positions, groups]: ``log(exp(h · W[g]) + Σ exp(h · S[l]))`` over the lost tokens ``l`` of each group,
-    ``S`` holding the lost tokens' rows and ``member_group`` each one's group index."""
+    ``S`` holding the lost tokens' rows and ``member_group`` each one's group index (``absorb_rows`` passes ``H`` a
+    chunk of positions at a time)."""
     import torch
 
-    out = []
     with torch.no_grad():
-        for i in range(0, len(H), chunk):
-            h = H[i:i + chunk]
-            own, lost = h @ W[groups].T, h @ S.T
-            top = torch.maximum(own.amax(1), lost.amax(1))[:, None]
-            total = torch.exp(own - top).index_add_(1, member_group, torch.exp(lost - top))
-            out.append(torch.log(total) + top)
-    return torch.cat(out)
+        own, lost = H @ W[groups].T, H @ S.T
+        top = torch.maximum(own.amax(1), lost.amax(1))[:, None]
+        total = torch.exp(own - top).index_add_(1, member_group, torch.exp(lost - top))
+        return torch.log(total) + top
 
 
 def absorb_rows(model: Any, docs: Sequence[Sequence[int]], src_rows: Any, lost: np.ndarray, first: np.ndarray, *,
@@ -69,21 +66,23 @@ def absorb_rows(model: Any, docs: Sequence[Sequence[int]], src_rows: Any, lost: 
     from tokalign.output_rows import hidden_states, ridge_gram
 
     t0 = time.time()
+    nothing = np.zeros(0, np.int64), np.zeros((0, src_rows.shape[1]), np.float32), {"lost": 0, "rows": 0}
     use = ~keep[first]
     lost, first = lost[use], first[use]
     if not len(lost):
-        return np.zeros(0, np.int64), np.zeros((0, src_rows.shape[1]), np.float32), {"lost": 0, "rows": 0}
+        return nothing
     groups, member_group = np.unique(first, return_inverse=True)
     H, _, _ = hidden_states(model, docs, positions, with_gains=False)
     if not len(H):
-        return np.zeros(0, np.int64), np.zeros((0, src_rows.shape[1]), np.float32), {"lost": 0, "rows": 0}
+        return nothing
     W = model.get_output_embeddings().weight.detach().float()
-    g, S = torch.from_numpy(groups), torch.as_tensor(src_rows).float()[torch.from_numpy(lost)]
+    g, member = torch.from_numpy(groups), torch.from_numpy(member_group)
+    S = torch.as_tensor(src_rows).float()[torch.from_numpy(lost)]
     R = W[g]
     Hd = H.double()
     HtY = torch.zeros(H.shape[1], len(groups), dtype=torch.float64)  # Hᵀ Y, summed a chunk of positions at a time
     for i in range(0, len(H), chunk):
-        HtY += Hd[i:i + chunk].T @ absorbed_targets(H[i:i + chunk], W, S, g, torch.from_numpy(member_group)).double()
+        HtY += Hd[i:i + chunk].T @ absorbed_targets(H[i:i + chunk], W, S, g, member).double()
     delta = torch.linalg.solve(ridge_gram(H, ridge), HtY - (Hd.T @ Hd) @ R.double().T).T.float()
     info = {"lost": int(len(lost)), "rows": int(len(groups)), "positions": int(len(H)),
             "mean_change": round(float((delta.norm(dim=1) / R.norm(dim=1).clamp_min(1e-12)).mean()), 4),
